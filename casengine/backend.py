@@ -1,0 +1,271 @@
+"""The backend protocol: a backend moves bytes under keys, and nothing more.
+
+Backends know nothing of digests, manifests or the index. Every backend provides the same
+small set of primitives:
+
+- atomic put, through a staged :class:`Writer` that publishes on :meth:`Writer.commit`
+- put-if-absent (``commit(key, exclusive=True)``), native to each backend
+- ranged read as a stream (:meth:`Backend.read`)
+- :meth:`Backend.stat`, :meth:`Backend.delete`, :meth:`Backend.list` by prefix
+
+Optional capabilities are declared by implementing one of the ``runtime_checkable``
+protocols at the bottom (``isinstance(backend, LocalPaths)``), never faked.
+
+Keys are ``/``-separated relative paths, validated in one place (:func:`check_key`). Temp
+and staging objects never show in :meth:`Backend.list`.
+
+Backends are found by URL scheme (:func:`open_backend`), never imported by name from the
+core: a lazy table of the built-in ones plus the ``casengine.backends`` entry-point group,
+and the generic fsspec backend for any other protocol fsspec knows.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import import_module
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from casengine.errors import ConfigError, InvalidKey, MissingExtra, NotFound, UnknownScheme
+
+#: What writers accept: anything with the buffer protocol over bytes.
+Buffer = bytes | bytearray | memoryview
+
+#: Default size of the chunks a read yields.
+READ_CHUNK = 1 << 20
+
+_KEY_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative key, else raise :class:`InvalidKey`.
+
+    Each ``/``-separated part must start with a letter or digit, so ``..``, ``.``, hidden
+    names, empty parts and absolute paths are all impossible by construction.
+    """
+    if not isinstance(key, str) or not key:
+        raise InvalidKey(f"invalid key {key!r}: must be a non-empty string")
+    if len(key) > 1024 or not all(_KEY_PART.fullmatch(p) for p in key.split("/")):
+        raise InvalidKey(
+            f"invalid key {key[:200]!r}: parts must match [A-Za-z0-9][A-Za-z0-9._-]*, "
+            "joined by single '/'"
+        )
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """A listing prefix: empty, or a key, optionally ending in ``/``."""
+    if prefix:
+        check_key(prefix[:-1] if prefix.endswith("/") else prefix)
+    return prefix
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    key: str
+    size: int
+    mtime: float
+
+
+class Writer(ABC):
+    """A staged object. Nothing written here is visible until :meth:`commit`.
+
+    Use it as a context manager: leaving the block without a commit aborts, so a failed
+    ingest leaves no partial object behind.
+    """
+
+    size: int = 0
+
+    @abstractmethod
+    def write(self, data: Buffer) -> None:
+        """Append bytes. The caller may reuse ``data`` once this returns."""
+
+    @abstractmethod
+    def commit(self, key: str, *, exclusive: bool = False) -> bool:
+        """Publish the staged bytes atomically under ``key``.
+
+        With ``exclusive``, an existing object is left untouched and the staged bytes are
+        dropped; the return value says whether this call created the object.
+        """
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Drop the staged bytes. Safe to call more than once, and after commit."""
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
+class Backend(ABC):
+    """Bytes under keys. Implementations must be thread-safe."""
+
+    #: URL schemes this class serves, for error messages and ``repr``.
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    # -- primitives ---------------------------------------------------------------------
+
+    @abstractmethod
+    def writer(self, key_hint: str | None = None) -> Writer:
+        """Start a staged object (see :class:`Writer`).
+
+        ``key_hint`` is the key the caller expects to commit to, when it knows it (an
+        ingest with an expected digest). Object stores use it to upload straight to the
+        final key and publish at commit, instead of copying from a staging key.
+        """
+
+    @abstractmethod
+    def read(
+        self, key: str, start: int = 0, length: int | None = None, *, chunk_size: int = READ_CHUNK
+    ) -> Iterator[bytes]:
+        """Stream ``length`` bytes (all, if None) from ``start``; raises NotFound eagerly."""
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo:
+        """Size and modification time; raises :class:`~casengine.errors.NotFound`."""
+
+    @abstractmethod
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; return whether it existed."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Keys that start with ``prefix``, in no particular order, temp objects never."""
+
+    # -- conveniences built on the primitives --------------------------------------------
+
+    def put(self, key: str, data: Buffer, *, exclusive: bool = False) -> bool:
+        """Atomically store small ``data`` under ``key`` (see :meth:`Writer.commit`)."""
+        with self.writer(key) as w:
+            w.write(data)
+            return w.commit(key, exclusive=exclusive)
+
+    def get(self, key: str) -> bytes:
+        """The whole object: for small records only, never for blobs."""
+        return b"".join(self.read(key))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.stat(key)
+        except NotFound:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Release connections and files. The default has nothing to release."""
+
+
+# -- optional capabilities ---------------------------------------------------------------
+
+
+@runtime_checkable
+class LocalPaths(Protocol):
+    """The object lives in a local file that may be served zero-copy (``sendfile``)."""
+
+    def local_path(self, key: str) -> str: ...
+
+
+@runtime_checkable
+class Presigner(Protocol):
+    """Short-lived URLs that let a client fetch an object without going through us."""
+
+    def presign(self, key: str, expires: int = 300) -> str: ...
+
+
+@runtime_checkable
+class ServerCopy(Protocol):
+    """Copy an object inside the store without streaming it through this process."""
+
+    def copy(self, src: str, dst: str, *, exclusive: bool = False) -> bool: ...
+
+
+# -- finding a backend by URL -------------------------------------------------------------
+
+ENTRY_POINT_GROUP = "casengine.backends"
+
+#: Built-in backends: scheme -> (``module:Class``, extra that provides its dependencies).
+BUILTIN: dict[str, tuple[str, str | None]] = {
+    "memory": ("backends.memory:MemoryBackend", None),
+    "file": ("backends.local:LocalBackend", None),
+    "s3": ("backends.s3:S3Backend", "s3"),
+    "s3a": ("backends.s3:S3Backend", "s3"),
+}
+FSSPEC_GENERIC = "backends.fsspec:FsspecBackend"
+
+_SCHEME = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def split_scheme(url: str) -> tuple[str, str]:
+    """``'s3://b/p'`` -> ``('s3', 'b/p')``; a plain path is ``file``."""
+    m = _SCHEME.match(url)
+    if not m:
+        return "file", url
+    return m.group(1).lower(), url[m.end() :]
+
+
+def _registered() -> dict[str, str]:
+    """Built-ins plus entry points; a name claimed twice for different classes is an error."""
+    table = {scheme: target for scheme, (target, _) in BUILTIN.items()}
+    seen: dict[str, str] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in seen and seen[ep.name] != ep.value:
+            raise ConfigError(
+                f"backend scheme {ep.name!r} is registered twice: {seen[ep.name]} and {ep.value}"
+            )
+        seen[ep.name] = ep.value
+        if ep.name in table and table[ep.name] != ep.value:
+            raise ConfigError(
+                f"backend scheme {ep.name!r} of entry point {ep.value} clashes with the "
+                f"built-in {table[ep.name]}"
+            )
+        table[ep.name] = ep.value
+    return table
+
+
+def _load(target: str, scheme: str) -> type[Backend]:
+    module_name, _, attr = target.partition(":")
+    extra = BUILTIN.get(scheme, (None, None))[1]
+    try:
+        module = import_module(module_name)
+    except ImportError as exc:
+        if extra:
+            raise MissingExtra(
+                f"{scheme}:// needs the '{extra}' extra: pip install 'casengine[{extra}]' "
+                f"({exc})"
+            ) from exc
+        raise MissingExtra(f"cannot load the backend for {scheme}:// from {target}: {exc}") from exc
+    cls = getattr(module, attr)
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise ConfigError(f"{target} is not a casengine Backend")
+    return cls
+
+
+def backend_class(scheme: str) -> type[Backend]:
+    table = _registered()
+    if scheme in table:
+        return _load(table[scheme], scheme)
+    import fsspec.registry
+
+    if scheme in fsspec.registry.known_implementations or scheme in fsspec.registry.registry:
+        return _load(FSSPEC_GENERIC, scheme)
+    raise UnknownScheme(
+        f"unknown storage scheme {scheme!r}: casengine knows {', '.join(sorted(table))} "
+        "and every protocol fsspec knows"
+    )
+
+
+def open_backend(url: str, **storage_options: Any) -> Backend:
+    """Open the backend for ``url``; ``storage_options`` go to the backend unchanged."""
+    scheme, _ = split_scheme(url)
+    return backend_class(scheme)(url, **storage_options)

@@ -1,0 +1,99 @@
+"""One error root for casengine.
+
+Every error the engine raises is a :class:`CASError`. Subclasses also inherit the matching
+built-in error, so callers that only know Python's own exceptions still catch them
+(``except FileNotFoundError`` catches :class:`NotFound`). Each class carries the exit code
+the CLI uses for it; the README lists them.
+"""
+
+from __future__ import annotations
+
+
+class CASError(Exception):
+    """Root of every casengine error."""
+
+    exit_code = 1
+
+
+class InvalidInput(CASError, ValueError):
+    """The caller handed in something malformed; nothing was stored."""
+
+    exit_code = 4
+
+
+class InvalidDigest(InvalidInput):
+    """A digest string that is not ``algorithm:hex`` per the OCI digest grammar."""
+
+
+class UnsupportedAlgorithm(InvalidDigest):
+    """A well-formed digest whose algorithm casengine does not implement."""
+
+
+class InvalidKey(InvalidInput):
+    """A backend key that is empty, absolute, or tries to leave the root."""
+
+
+class IntegrityError(InvalidInput):
+    """Received bytes do not match what the caller promised; nothing was published."""
+
+    exit_code = 5
+
+
+class DigestMismatch(IntegrityError):
+    def __init__(self, expected: object, actual: object) -> None:
+        super().__init__(f"digest mismatch: expected {expected}, got {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class SizeMismatch(IntegrityError):
+    def __init__(self, expected: int, actual: int) -> None:
+        super().__init__(f"size mismatch: expected {expected} bytes, got {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class NotFound(CASError, FileNotFoundError):
+    exit_code = 3
+
+
+class BlobNotFound(NotFound):
+    def __init__(self, digest: object) -> None:
+        super().__init__(f"blob {digest} not found")
+        self.digest = digest
+
+
+class AlreadyExists(CASError, FileExistsError):
+    exit_code = 6
+
+
+class Conflict(CASError):
+    """Another writer got there first; retrying the same request may succeed."""
+
+    exit_code = 6
+
+
+class BackendError(CASError, OSError):
+    """The storage backend failed in a way the engine could not recover from."""
+
+    exit_code = 7
+
+
+class ConfigError(CASError):
+    """casengine was pointed at something it cannot open (URL, extra, index path)."""
+
+    exit_code = 8
+
+
+class UnknownScheme(ConfigError):
+    pass
+
+
+class MissingExtra(ConfigError, ImportError):
+    pass
+
+
+class Unsupported(CASError, NotImplementedError):
+    """The backend does not have an optional capability."""
+
+    exit_code = 9
