@@ -12,12 +12,20 @@ import threading
 import time
 from collections.abc import Iterator
 
-from casengine.backend import READ_CHUNK, Backend, Buffer, ObjectInfo, Writer, check_key, check_prefix
+from casengine.backend import (
+    READ_CHUNK,
+    Backend,
+    Buffer,
+    ObjectInfo,
+    Writer,
+    check_key,
+    check_prefix,
+)
 from casengine.errors import NotFound
 
 
 class _Object:
-    __slots__ = ("chunks", "starts", "size", "mtime")
+    __slots__ = ("chunks", "mtime", "size", "starts")
 
     def __init__(self, chunks: list[bytes]) -> None:
         self.chunks = chunks
@@ -53,6 +61,7 @@ class MemoryWriter(Writer):
 
 class MemoryBackend(Backend):
     schemes = ("memory",)
+    ephemeral = True
 
     def __init__(self, url: str = "memory://") -> None:
         super().__init__(url)

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import import_module
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 from casengine.errors import ConfigError, InvalidKey, MissingExtra, NotFound, UnknownScheme
 
@@ -59,7 +59,7 @@ def check_key(key: str) -> str:
 def check_prefix(prefix: str) -> str:
     """A listing prefix: empty, or a key, optionally ending in ``/``."""
     if prefix:
-        check_key(prefix[:-1] if prefix.endswith("/") else prefix)
+        check_key(prefix.removesuffix("/"))
     return prefix
 
 
@@ -95,7 +95,7 @@ class Writer(ABC):
     def abort(self) -> None:
         """Drop the staged bytes. Safe to call more than once, and after commit."""
 
-    def __enter__(self) -> Writer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -107,6 +107,8 @@ class Backend(ABC):
 
     #: URL schemes this class serves, for error messages and ``repr``.
     schemes: ClassVar[tuple[str, ...]] = ()
+    #: The data dies with the process (``memory://``), so the index may be temporary too.
+    ephemeral: ClassVar[bool] = False
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -161,6 +163,10 @@ class Backend(ABC):
         except NotFound:
             return False
         return True
+
+    def default_index_path(self) -> str | None:
+        """Where the index lives when the user names none; None: the user must name one."""
+        return None
 
     def close(self) -> None:
         """Release connections and files. The default has nothing to release."""

@@ -85,7 +85,7 @@ def check_algorithm(algorithm: str) -> str:
 class Hasher:
     """Streaming digest that also counts bytes; ``hashlib`` releases the GIL on large updates."""
 
-    __slots__ = ("algorithm", "size", "_h")
+    __slots__ = ("_h", "algorithm", "size")
 
     def __init__(self, algorithm: str = DEFAULT_ALGORITHM) -> None:
         self.algorithm = check_algorithm(algorithm)

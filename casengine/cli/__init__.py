@@ -1,0 +1,39 @@
+"""The ``casengine`` command: global options, one error path, and the command groups.
+
+Only click is imported at start-up; each command imports the engine when it runs, so
+``casengine --help`` is instant and a big ``blob put`` spends its time on the data.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from casengine.cli.blob import blob
+from casengine.cli.common import Settings, run_guarded
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--root", envvar="CASENGINE_ROOT", default="./casengine-data", show_default=True,
+              help="Store URL: a path, file:///path, memory://, s3://bucket/prefix. "
+                   "Env: CASENGINE_ROOT.")
+@click.option("--index", envvar="CASENGINE_INDEX", default=None,
+              help="LMDB index directory (default: inside a local root; required for remote "
+                   "roots). Env: CASENGINE_INDEX.")
+@click.option("-o", "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="Option passed to the backend, e.g. endpoint_url=http://127.0.0.1:9000. "
+                   "Repeatable.")
+@click.version_option(package_name="casengine")
+@click.pass_context
+def cli(ctx: click.Context, root: str, index: str | None, storage_options: tuple[str, ...]) -> None:
+    """casengine: content-addressed storage for OCI registries."""
+    ctx.obj = Settings.parse(root, index, storage_options)
+
+
+cli.add_command(blob)
+
+
+def main() -> None:
+    sys.exit(run_guarded(cli, debug=bool(os.environ.get("CASENGINE_DEBUG"))))

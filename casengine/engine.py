@@ -1,0 +1,197 @@
+"""The blob store: content-addressed blobs on a backend, with an index beside it.
+
+An ingest is one pass over the data: the caller's thread reads and hashes while a writer
+thread stores the bytes in a staged backend object (:mod:`casengine.ingest`). Only when the
+digest and size check out is the object published under its key, and only then is it
+recorded in the index. So a reader, who always goes through the index, never sees a
+partial or unverified blob (I1), and a crash at any point leaves at worst an unrecorded
+but complete object or an unpublished temp, which ``casengine check`` finds.
+
+Dedupe: when the blob is already recorded, the bytes are hashed (so a wrong body is still
+refused) but not written again. Two concurrent ingests of the same new content both write,
+but only one publish wins (put-if-absent) and both succeed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Self
+
+from casengine.backend import Backend, open_backend
+from casengine.digest import DEFAULT_ALGORITHM, Digest, Hasher, parse_digest
+from casengine.errors import (
+    BackendError,
+    BlobNotFound,
+    ConfigError,
+    DigestMismatch,
+    InvalidInput,
+    NotFound,
+    SizeMismatch,
+)
+from casengine.index import BlobRecord, Index, LmdbIndex
+from casengine.ingest import CHUNK, POOL, BufferPool, Source, WritePipeline, open_source
+from casengine.layout import RAW, blob_key
+
+DEFAULT_ROOT = "./casengine-data"
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    digest: Digest
+    size: int
+    #: False when the blob was already stored (dedupe) or a concurrent ingest published it.
+    created: bool
+
+
+class Engine:
+    """Open with :meth:`Engine.open`; thread-safe; close when done (or use ``with``)."""
+
+    def __init__(self, backend: Backend, index: Index, *, chunk_size: int = CHUNK) -> None:
+        self.backend = backend
+        self.index = index
+        self.chunk_size = chunk_size
+
+    @classmethod
+    def open(cls, url: str = DEFAULT_ROOT, *, index: str | None = None,
+             **storage_options: Any) -> Engine:
+        """Open the store at ``url`` (a path, ``file://``, ``memory://``, ``s3://``, ...).
+
+        ``index`` is the LMDB directory. By default a local root keeps it inside the root
+        and ``memory://`` gets a temporary one; remote roots must name one.
+        """
+        backend = open_backend(url, **storage_options)
+        try:
+            path = index or backend.default_index_path()
+            if path is not None:
+                idx: Index = LmdbIndex(path)
+            elif backend.ephemeral:
+                idx = LmdbIndex.temporary()
+            else:
+                raise ConfigError(
+                    f"{url} is not a local directory: name a local index directory with "
+                    "--index PATH or CASENGINE_INDEX"
+                )
+        except BaseException:
+            backend.close()
+            raise
+        return cls(backend, idx)
+
+    def close(self) -> None:
+        self.index.close()
+        self.backend.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing ------------------------------------------------------------------------
+
+    def ingest(self, source: Source, *, digest: str | Digest | None = None,
+               size: int | None = None, algorithm: str = DEFAULT_ALGORITHM) -> IngestResult:
+        """Store the bytes of ``source``; verify ``digest`` and ``size`` while streaming.
+
+        On a mismatch nothing is published and :class:`~casengine.errors.DigestMismatch`
+        or :class:`~casengine.errors.SizeMismatch` names what was expected and received.
+        """
+        expected = parse_digest(digest) if digest is not None else None
+        hasher = Hasher(expected.algorithm if expected else algorithm)
+        if size is not None and (not isinstance(size, int) or size < 0):
+            raise InvalidInput(f"invalid size {size!r}: want a whole number of bytes >= 0")
+        pool = BufferPool(POOL, self.chunk_size)
+        known = self.index.get_blob(str(expected)) if expected else None
+        with open_source(source, pool, self.chunk_size) as chunks:
+            if known is not None:
+                self._hash_only(chunks, hasher, pool, size)
+                self._verify(hasher, expected, size)
+                self.index.touch_blob(known.digest)
+                return IngestResult(hasher.digest(), hasher.size, created=False)
+            hint = blob_key(expected, RAW) if expected else None
+            with self.backend.writer(hint) as writer, WritePipeline(writer, pool.put) as pipe:
+                for chunk in chunks:
+                    hasher.update(chunk[0])
+                    if size is not None and hasher.size > size:
+                        raise SizeMismatch(size, hasher.size)
+                    pipe.put(chunk)
+                pipe.finish()
+                actual = self._verify(hasher, expected, size)
+                now = time.time()
+                record = BlobRecord(str(actual), hasher.size, RAW, writer.size,
+                                    pipe.xxh3.hexdigest(), now, now)
+                if self.index.get_blob(record.digest) is not None:
+                    self.index.touch_blob(record.digest, now)
+                    return IngestResult(actual, hasher.size, created=False)
+                # Publish first, record second: an object without a record is harmless, a
+                # record without its object would be a lie. A lost publish race means the
+                # same bytes are already there.
+                published = writer.commit(blob_key(actual, RAW), exclusive=True)
+                created = self.index.add_blob(record) and published
+        return IngestResult(actual, hasher.size, created)
+
+    @staticmethod
+    def _hash_only(chunks: Iterator[Any], hasher: Hasher, pool: BufferPool,
+                   size: int | None) -> None:
+        for view, buf in chunks:
+            hasher.update(view)
+            if buf is not None:
+                pool.put(buf)
+            if size is not None and hasher.size > size:
+                raise SizeMismatch(size, hasher.size)
+
+    @staticmethod
+    def _verify(hasher: Hasher, expected: Digest | None, size: int | None) -> Digest:
+        actual = hasher.digest()
+        if size is not None and hasher.size != size:
+            raise SizeMismatch(size, hasher.size)
+        if expected is not None and actual != expected:
+            raise DigestMismatch(expected, actual)
+        return actual
+
+    def delete(self, digest: str | Digest) -> bool:
+        """Forget the blob, then remove its bytes; return whether it was stored."""
+        d = parse_digest(digest)
+        record = self.index.get_blob(str(d))
+        if record is None:
+            return False
+        self.index.delete_blob(str(d))
+        self.backend.delete(blob_key(d, record.codec))
+        return True
+
+    # -- reading ------------------------------------------------------------------------
+
+    def stat(self, digest: str | Digest) -> BlobRecord:
+        d = parse_digest(digest)
+        record = self.index.get_blob(str(d))
+        if record is None:
+            raise BlobNotFound(d)
+        return record
+
+    def exists(self, digest: str | Digest) -> bool:
+        return self.index.get_blob(str(parse_digest(digest))) is not None
+
+    def read(self, digest: str | Digest, start: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """Stream the logical bytes ``[start, start+length)``; the whole blob by default."""
+        record = self.stat(digest)
+        if start < 0 or start > record.size or (length is not None and length < 0):
+            raise InvalidInput(
+                f"invalid range start={start} length={length} for a blob of {record.size} bytes"
+            )
+        key = blob_key(parse_digest(record.digest), record.codec)
+        try:
+            return self.backend.read(key, start, length)
+        except NotFound as exc:
+            raise BackendError(
+                f"blob {record.digest} is indexed but its object {key} is missing: "
+                "run 'casengine check'"
+            ) from exc
+
+    def read_bytes(self, digest: str | Digest) -> bytes:
+        """A whole small blob (manifest, config) in memory. Never use it for layers."""
+        return b"".join(self.read(digest))
+
+    def list(self, start: str = "") -> Iterator[BlobRecord]:
+        """Stored blobs in digest order."""
+        return self.index.iter_blobs(start)

@@ -1,0 +1,184 @@
+"""Moving bytes in: turn any source into chunks, and write them on a second thread.
+
+Ingest is bounded by sha256 on one core. To reach that limit the calling thread only reads
+and hashes, while :class:`WritePipeline` hands each chunk to a writer thread that computes the
+xxh3 of the stored bytes and writes them to the backend. ``hashlib``, ``xxhash`` and file I/O
+release the GIL, so the two run in parallel. Memory stays bounded: stream sources are read
+into a small pool of reused buffers, and a buffer goes back to the pool only once it has
+been written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any, Self
+
+import xxhash
+
+from casengine.backend import Writer
+from casengine.errors import InvalidInput
+
+#: Chunk size for reading streams and files: large enough that per-chunk overhead vanishes
+#: next to hashing, small enough that the buffer pool stays a few MiB.
+CHUNK = 4 << 20
+#: Buffers in flight per ingest; bounds memory at POOL * CHUNK.
+POOL = 4
+
+Source = bytes | bytearray | memoryview | str | os.PathLike | IO[bytes] | Iterable[bytes]
+#: A chunk to hash and write, and the buffer to give back once it is written (or None).
+Chunk = tuple[memoryview, mmap.mmap | None]
+
+
+class BufferPool:
+    """At most ``count`` reusable buffers; ``get`` blocks while all are in flight.
+
+    Buffers are anonymous maps, so they are page-aligned: a local backend can hand them to
+    the disk with O_DIRECT, without a copy through the page cache.
+    """
+
+    def __init__(self, count: int, size: int) -> None:
+        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        self._left = count
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self) -> mmap.mmap:
+        with self._lock:
+            if self._left:
+                self._left -= 1
+                return mmap.mmap(-1, self._size)
+        return self._free.get()
+
+    def put(self, buf: mmap.mmap) -> None:
+        self._free.put(buf)
+
+
+def _from_buffer(data: bytes | bytearray | memoryview, size: int) -> Iterator[Chunk]:
+    view = memoryview(data).cast("B")
+    for off in range(0, len(view), size):
+        yield view[off : off + size], None
+
+
+def _from_stream(f: Any, pool: BufferPool, size: int) -> Iterator[Chunk]:
+    readinto = getattr(f, "readinto", None)
+    if readinto is None:  # a read()-only object: take its bytes as they come
+        while chunk := f.read(size):
+            yield memoryview(chunk), None
+        return
+    while True:
+        buf = pool.get()
+        view = memoryview(buf)
+        filled = 0
+        # fill the whole buffer: pipes and sockets return short reads
+        while filled < size:
+            n = readinto(view[filled:])
+            if not n:
+                break
+            filled += n
+        if not filled:
+            pool.put(buf)
+            return
+        yield view[:filled], buf
+        if filled < size:
+            return
+
+
+def _from_iterable(chunks: Iterable[bytes]) -> Iterator[Chunk]:
+    for chunk in chunks:
+        if not isinstance(chunk, (bytes, bytearray, memoryview)):
+            raise InvalidInput(f"an ingest source yielded {type(chunk).__name__}, not bytes")
+        if chunk:
+            yield memoryview(chunk).cast("B"), None
+
+
+@contextlib.contextmanager
+def open_source(source: Source, pool: BufferPool, size: int = CHUNK) -> Iterator[Iterator[Chunk]]:
+    """Chunks of ``source``: bytes-like, a path, a binary file object, or an iterable of bytes."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        yield _from_buffer(source, size)
+    elif isinstance(source, (str, os.PathLike)):
+        with open(source, "rb", buffering=0) as f:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            yield _from_stream(f, pool, size)
+    elif hasattr(source, "read"):
+        yield _from_stream(source, pool, size)
+    elif isinstance(source, Iterable):
+        yield _from_iterable(source)
+    else:
+        raise InvalidInput(f"cannot ingest a {type(source).__name__}: want bytes, a path, "
+                           "a binary file or an iterable of bytes")
+
+
+class WritePipeline:
+    """Writes chunks to a backend :class:`Writer` on a second thread, xxh3 alongside.
+
+    The thread starts only when a second chunk arrives, so a small blob costs no thread.
+    Use as a context manager; :meth:`finish` waits for the writes and re-raises their error.
+    """
+
+    def __init__(self, writer: Writer, release: Callable[[mmap.mmap], None]) -> None:
+        self.writer = writer
+        self.xxh3 = xxhash.xxh3_128()
+        self._release = release
+        self._queue: queue.Queue[Chunk | None] = queue.Queue(maxsize=POOL)
+        self._thread: threading.Thread | None = None
+        self._first: Chunk | None = None
+        self._error: BaseException | None = None
+
+    def _write(self, chunk: Chunk) -> None:
+        view, buf = chunk
+        try:
+            if self._error is None:
+                self.xxh3.update(view)
+                self.writer.write(view)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            self._error = exc
+        finally:
+            if buf is not None:
+                self._release(buf)
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._write(chunk)
+
+    def put(self, chunk: Chunk) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._thread is None:
+            if self._first is None:
+                self._first = chunk
+                return
+            self._thread = threading.Thread(target=self._run, name="casengine-writer", daemon=True)
+            self._thread.start()
+            self._queue.put(self._first)
+            self._first = None
+        self._queue.put(chunk)
+
+    def finish(self) -> None:
+        self._stop()
+        if self._first is not None:
+            first, self._first = self._first, None
+            self._write(first)
+        if self._error is not None:
+            raise self._error
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+        if self._first is not None and self._first[1] is not None:
+            self._release(self._first[1])
+        self._first = None

@@ -1,0 +1,50 @@
+"""Where things live in a backend. Every key casengine writes is built here.
+
+The layout is self-describing: the index can be rebuilt from the backend alone, because a
+blob's key names its digest and the codec its bytes are stored in::
+
+    <root>/                                  a directory, a bucket prefix, ...
+    +-- blobs/
+    |   +-- sha256/
+    |   |   +-- 3f/                          first two hex digits: fan-out
+    |   |       +-- 3fa9...c2.raw            the logical bytes, stored as they are
+    |   |       +-- 3fa9...c2.zst            or: seekable zstd frames of those bytes
+    |   +-- sha512/
+    |       +-- ...
+    +-- .tmp/                                local roots: temp files before rename
+    +-- .index/                              local roots: the LMDB index (default place)
+
+A blob is stored under exactly one codec at a time. Keys that start with a dot never name
+an object (see :func:`casengine.backend.check_key`), so ``.tmp`` and ``.index`` cannot be
+listed, read or overwritten through the backend.
+"""
+
+from __future__ import annotations
+
+import re
+
+from casengine.digest import ALGORITHMS, Digest
+
+BLOBS = "blobs/"
+
+#: Stored codecs and their key suffix.
+RAW = "raw"
+CODECS = (RAW,)
+
+_BLOB_KEY = re.compile(
+    r"blobs/(?P<alg>[a-z0-9]+)/(?P<fan>[a-f0-9]{2})/(?P<hex>[a-f0-9]+)\.(?P<codec>[a-z0-9]+)"
+)
+
+
+def blob_key(digest: Digest, codec: str = RAW) -> str:
+    return f"{BLOBS}{digest.algorithm}/{digest.hex[:2]}/{digest.hex}.{codec}"
+
+
+def parse_blob_key(key: str) -> tuple[Digest, str] | None:
+    """The digest and codec a blob key names, or None if ``key`` is not a blob key."""
+    m = _BLOB_KEY.fullmatch(key)
+    if not m or m["alg"] not in ALGORITHMS or len(m["hex"]) != ALGORITHMS[m["alg"]]:
+        return None
+    if m["fan"] != m["hex"][:2] or m["codec"] not in CODECS:
+        return None
+    return Digest(m["alg"], m["hex"]), m["codec"]

@@ -1,0 +1,46 @@
+"""Human units at the edges: durations like ``30s``, ``15m``, ``1h``, ``7d`` and sizes like ``64M``."""
+
+from __future__ import annotations
+
+import re
+
+from casengine.errors import InvalidInput
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
+_BYTES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_duration(text: str) -> float:
+    """``'90s'``, ``'15m'``, ``'1h30m'``, ``'7d'`` -> seconds. A bare number is seconds."""
+    s = text.strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", s):
+        return float(s)
+    parts = _DURATION.findall(s)
+    if not s or "".join(n + u for n, u in parts) != s:
+        raise InvalidInput(f"invalid duration {text!r}: write it like 30s, 15m, 1h or 7d")
+    return sum(float(n) * _SECONDS[u] for n, u in parts)
+
+
+def format_duration(seconds: float) -> str:
+    for unit in ("w", "d", "h", "m"):
+        if seconds >= _SECONDS[unit] and seconds % _SECONDS[unit] == 0:
+            return f"{int(seconds // _SECONDS[unit])}{unit}"
+    return f"{seconds:g}s"
+
+
+def parse_size(text: str) -> int:
+    """``'64M'``, ``'1G'``, ``'512k'``, ``'100'`` -> bytes (binary multiples)."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise InvalidInput(f"invalid size {text!r}: write it like 512k, 64M or 1G")
+    return int(float(m[1]) * _BYTES[m[2].lower()])
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
