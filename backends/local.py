@@ -24,6 +24,7 @@ from typing import IO
 
 from casengine.backend import (
     READ_CHUNK,
+    Appender,
     Backend,
     Buffer,
     ObjectInfo,
@@ -94,76 +95,107 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-class LocalWriter(Writer):
-    def __init__(self, backend: LocalBackend) -> None:
-        self._backend = backend
-        self._tmp = os.path.join(backend.tmp_dir, uuid.uuid4().hex)
-        with _translated("creating a temp file"):
-            self._fd: int | None = os.open(
-                self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
-            )
-        self._direct = _open_direct(self._tmp)
-        self.size = 0
-        self._flushed = 0
+class _FileSink:
+    """Writes at increasing offsets of one file: O_DIRECT for aligned chunks, else buffered."""
+
+    def __init__(self, path: str, offset: int, *, create: bool) -> None:
+        self.path = path
+        flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+        with _translated(f"opening {path}"):
+            self.fd = os.open(path, flags, 0o644)
+            if not create:
+                os.ftruncate(self.fd, offset)  # drop what an unfinished append left
+        self._direct = _open_direct(path)
+        self.start = self.pos = self._flushed = offset
 
     def write(self, data: Buffer) -> None:
-        if self._fd is None:
-            raise BackendError("write after commit or abort")
         view = memoryview(data).cast("B")
-        direct = self._direct is not None and self.size % _ALIGN == 0 and _aligned(view)
-        fd = self._direct if direct else self._fd
-        with _translated(f"writing {self._tmp}"):
+        direct = self._direct is not None and self.pos % _ALIGN == 0 and _aligned(view)
+        fd = self._direct if direct else self.fd
+        with _translated(f"writing {self.path}"):
             while view:
-                n = os.pwrite(fd, view, self.size)
+                n = os.pwrite(fd, view, self.pos)
                 view = view[n:]
-                self.size += n
+                self.pos += n
             if direct:
-                self._flushed = self.size
-            elif _sync_file_range and self.size - self._flushed >= _WRITEBACK_STEP:
-                _sync_file_range(self._fd, self._flushed, self.size - self._flushed,
+                self._flushed = self.pos
+            elif _sync_file_range and self.pos - self._flushed >= _WRITEBACK_STEP:
+                _sync_file_range(self.fd, self._flushed, self.pos - self._flushed,
                                  _SYNC_FILE_RANGE_WRITE)
-                self._flushed = self.size
+                self._flushed = self.pos
 
-    def commit(self, key: str, *, exclusive: bool = False) -> bool:
-        if self._fd is None:
-            raise BackendError("commit after commit or abort")
-        final = self._backend.path(key)
-        self._close_direct()
-        fd, self._fd = self._fd, None
-        try:
-            with _translated(f"storing {key}"):
-                os.fdatasync(fd)
-                os.close(fd)
-                fd = -1
-                self._backend.make_parents(final)
-                if exclusive:
-                    try:
-                        os.link(self._tmp, final)
-                    except FileExistsError:
-                        return False
-                    finally:
-                        os.unlink(self._tmp)
-                else:
-                    os.replace(self._tmp, final)
-                _fsync_dir(os.path.dirname(final))
-                return True
-        finally:
-            if fd >= 0:
-                os.close(fd)
-            self.abort()
+    def sync(self) -> None:
+        with _translated(f"syncing {self.path}"):
+            os.fdatasync(self.fd)
 
-    def _close_direct(self) -> None:
+    def close(self, *, truncate: bool = False) -> None:
         if self._direct is not None:
             os.close(self._direct)
             self._direct = None
+        if self.fd >= 0:
+            if truncate:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, self.start)
+            os.close(self.fd)
+            self.fd = -1
+
+
+class LocalWriter(Writer):
+    def __init__(self, backend: LocalBackend) -> None:
+        self._backend = backend
+        self._sink: _FileSink | None = _FileSink(
+            os.path.join(backend.tmp_dir, uuid.uuid4().hex), 0, create=True)
+        self.size = 0
+
+    def write(self, data: Buffer) -> None:
+        if self._sink is None:
+            raise BackendError("write after commit or abort")
+        self._sink.write(data)
+        self.size = self._sink.pos
+
+    def commit(self, key: str, *, exclusive: bool = False) -> bool:
+        if self._sink is None:
+            raise BackendError("commit after commit or abort")
+        try:
+            self._sink.sync()
+            self._sink.close()
+            return self._backend.publish_file(self._sink.path, key, exclusive=exclusive)
+        finally:
+            self.abort()
 
     def abort(self) -> None:
-        self._close_direct()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._tmp)
+        if self._sink is not None:
+            self._sink.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._sink.path)
+            self._sink = None
+
+
+class LocalAppender(Appender):
+    """Appends go straight into one staged file; publishing it is a hard link."""
+
+    def __init__(self, path: str, offset: int) -> None:
+        self._sink: _FileSink | None = _FileSink(path, offset, create=False)
+        self.size = 0
+
+    def write(self, data: Buffer) -> None:
+        if self._sink is None:
+            raise BackendError("write after finish or abort")
+        self._sink.write(data)
+        self.size = self._sink.pos - self._sink.start
+
+    def finish(self) -> dict:
+        if self._sink is None:
+            raise BackendError("finish after finish or abort")
+        self._sink.sync()
+        self._sink.close()
+        self._sink = None
+        return {}
+
+    def abort(self) -> None:
+        if self._sink is not None:
+            self._sink.close(truncate=True)
+            self._sink = None
 
 
 class LocalBackend(Backend):
@@ -182,6 +214,23 @@ class LocalBackend(Backend):
     def path(self, key: str) -> str:
         """The file of ``key``; ``check_key`` makes escaping the root impossible."""
         return os.path.join(self.root, *check_key(key).split("/"))
+
+    def publish_file(self, src: str, key: str, *, exclusive: bool) -> bool:
+        """Give the synced file ``src`` the name of ``key``; ``src`` stays for the caller."""
+        final = self.path(key)
+        with _translated(f"storing {key}"):
+            self.make_parents(final)
+            if exclusive:
+                try:
+                    os.link(src, final)
+                except FileExistsError:
+                    return False
+            else:
+                tmp = os.path.join(self.tmp_dir, uuid.uuid4().hex)
+                os.link(src, tmp)
+                os.replace(tmp, final)
+            _fsync_dir(os.path.dirname(final))
+        return True
 
     def make_parents(self, path: str) -> None:
         """Create missing parent directories, fsyncing each parent that gained an entry."""
@@ -257,6 +306,48 @@ class LocalBackend(Backend):
                     yield from self._walk(entry.path, key, prefix)
             elif key.startswith(prefix):
                 yield key
+
+    # -- upload staging: one file per upload, appended in place, published by link -------
+
+    def _upload_file(self, key: str) -> str:
+        return self.path(f"{key}/data")
+
+    def append(self, key: str, state: dict, offset: int) -> Appender:
+        path = self._upload_file(key)
+        with _translated(f"staging {key}"):
+            self.make_parents(path)
+            if offset == 0 and not os.path.exists(path):
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                _fsync_dir(os.path.dirname(path))
+        return LocalAppender(path, offset)
+
+    def publish_upload(self, key: str, state: dict, size: int, final: str, *,
+                       exclusive: bool = False) -> bool:
+        path = self._upload_file(key)
+        with _translated(f"publishing {key}"):
+            self.make_parents(path)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                have = os.fstat(fd).st_size
+                if have < size:
+                    raise BackendError(f"staged data of {key} has {have} bytes, expected {size}")
+                if have > size:  # the tail of an append that was never acknowledged
+                    os.ftruncate(fd, size)
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        return self.publish_file(path, final, exclusive=exclusive)
+
+    def read_upload(self, key: str, state: dict) -> Iterator[bytes]:
+        return self.read(f"{key}/data")
+
+    def discard_upload(self, key: str, state: dict) -> None:
+        top = self.path(key)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(top, "data"))
+        with contextlib.suppress(FileNotFoundError, OSError):
+            os.rmdir(top)
 
     def default_index_path(self) -> str:
         return os.path.join(self.root, INDEX_DIR)

@@ -26,10 +26,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import import_module
-from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
-from casengine.errors import ConfigError, InvalidKey, MissingExtra, NotFound, UnknownScheme
+from casengine.errors import (
+    BackendError,
+    ConfigError,
+    InvalidKey,
+    MissingExtra,
+    NotFound,
+    UnknownScheme,
+)
 
 #: What writers accept: anything with the buffer protocol over bytes.
 Buffer = bytes | bytearray | memoryview
@@ -102,6 +108,59 @@ class Writer(ABC):
         self.abort()
 
 
+class Appender(ABC):
+    """Bytes appended to an upload's staged data at a fixed offset.
+
+    Nothing is acknowledged until :meth:`finish` returns the upload's new backend state
+    (a JSON-able dict the caller stores); by then the bytes are durable. :meth:`abort`, or
+    leaving the ``with`` block without finishing, drops what this appender wrote.
+    """
+
+    size: int = 0
+
+    @abstractmethod
+    def write(self, data: Buffer) -> None: ...
+
+    @abstractmethod
+    def finish(self) -> dict:
+        """Make the appended bytes durable; return the new state."""
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
+class _PartAppender(Appender):
+    """The generic append: each append is one more object ``<key>/<offset as hex>``."""
+
+    def __init__(self, backend: Backend, key: str, state: dict, offset: int) -> None:
+        self._key = f"{key}/{offset:016x}"
+        self._state = state
+        self._offset = offset
+        self._writer = backend.writer(self._key)
+        self.size = 0
+
+    def write(self, data: Buffer) -> None:
+        self._writer.write(data)
+        self.size = self._writer.size
+
+    def finish(self) -> dict:
+        if self.size:
+            self._writer.commit(self._key)
+            parts = [p for p in self._state.get("parts", []) if p[0] < self._offset]
+            return {**self._state, "parts": [*parts, [self._offset, self.size]]}
+        self._writer.abort()
+        return self._state
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+
 class Backend(ABC):
     """Bytes under keys. Implementations must be thread-safe."""
 
@@ -164,6 +223,45 @@ class Backend(ABC):
             return False
         return True
 
+    # -- upload staging -------------------------------------------------------------------
+    #
+    # An upload session's bytes arrive in chunks, possibly in different processes, and must
+    # be published as one object without being streamed through the engine again where the
+    # backend can avoid it. The generic versions below keep one object per append and
+    # concatenate them on publish (a copy); backends with better means override all four.
+
+    #: Smallest chunk worth sending in one append (S3: a multipart part); 0 means any.
+    min_chunk: ClassVar[int] = 0
+
+    def append(self, key: str, state: dict, offset: int) -> Appender:
+        """Append to the staged data under the prefix ``key``, whose length is ``offset``."""
+        return _PartAppender(self, key, state, offset)
+
+    def publish_upload(self, key: str, state: dict, size: int, final: str, *,
+                       exclusive: bool = False) -> bool:
+        """Publish the staged data as the object ``final`` (see :meth:`Writer.commit`)."""
+        with self.writer(final) as w:
+            for chunk in self.read_upload(key, state):
+                w.write(chunk)
+            if w.size != size:
+                raise BackendError(f"staged data of {key} has {w.size} bytes, expected {size}")
+            return w.commit(final, exclusive=exclusive)
+
+    def read_upload(self, key: str, state: dict) -> Iterator[bytes]:
+        """The staged bytes, in order: for re-hashing when a saved hash state is missing."""
+        for offset, _ in state.get("parts", []):
+            yield from self.read(f"{key}/{offset:016x}")
+
+    def discard_upload(self, key: str, state: dict) -> None:
+        """Remove all staged data under ``key``, including that of unfinished appends."""
+        for k in list(self.list(key + "/")):
+            self.delete(k)
+
+    def purge_staging(self, older_than: float) -> int:
+        """Drop abandoned staging state only the backend can see (S3: multipart uploads
+        started before the unix time ``older_than``); return how many. Default: none."""
+        return 0
+
     def default_index_path(self) -> str | None:
         """Where the index lives when the user names none; None: the user must name one."""
         return None
@@ -222,6 +320,8 @@ def split_scheme(url: str) -> tuple[str, str]:
 
 def _registered() -> dict[str, str]:
     """Built-ins plus entry points; a name claimed twice for different classes is an error."""
+    from importlib.metadata import entry_points  # slow to import: only when needed
+
     table = {scheme: target for scheme, (target, _) in BUILTIN.items()}
     seen: dict[str, str] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
@@ -258,6 +358,8 @@ def _load(target: str, scheme: str) -> type[Backend]:
 
 
 def backend_class(scheme: str) -> type[Backend]:
+    if scheme in BUILTIN:  # the common case needs no scan of installed packages
+        return _load(BUILTIN[scheme][0], scheme)
     table = _registered()
     if scheme in table:
         return _load(table[scheme], scheme)

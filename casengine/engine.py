@@ -33,6 +33,7 @@ from casengine.errors import (
 from casengine.index import BlobRecord, Index, LmdbIndex
 from casengine.ingest import CHUNK, POOL, BufferPool, Source, WritePipeline, open_source
 from casengine.layout import RAW, blob_key
+from casengine.uploads import DEFAULT_TTL, Uploads
 
 DEFAULT_ROOT = "./casengine-data"
 
@@ -48,10 +49,13 @@ class IngestResult:
 class Engine:
     """Open with :meth:`Engine.open`; thread-safe; close when done (or use ``with``)."""
 
-    def __init__(self, backend: Backend, index: Index, *, chunk_size: int = CHUNK) -> None:
+    def __init__(self, backend: Backend, index: Index, *, chunk_size: int = CHUNK,
+                 upload_ttl: float = DEFAULT_TTL) -> None:
         self.backend = backend
         self.index = index
         self.chunk_size = chunk_size
+        #: chunked upload sessions (see :mod:`casengine.uploads`)
+        self.uploads = Uploads(self, upload_ttl)
 
     @classmethod
     def open(cls, url: str = DEFAULT_ROOT, *, index: str | None = None,
@@ -130,6 +134,21 @@ class Engine:
                 published = writer.commit(blob_key(actual, RAW), exclusive=True)
                 created = self.index.add_blob(record) and published
         return IngestResult(actual, hasher.size, created)
+
+    def publish_staged(self, key: str, state: dict, digest: Digest, size: int) -> bool:
+        """Publish verified upload staging under the blob's key and record it.
+
+        The stored bytes are not read again, so the record's xxh3 stays empty until the
+        first ``casengine check`` computes it. Returns whether a new blob was created.
+        """
+        if self.index.get_blob(str(digest)) is not None:
+            self.index.touch_blob(str(digest))
+            return False
+        published = self.backend.publish_upload(key, state, size, blob_key(digest, RAW),
+                                                exclusive=True)
+        now = time.time()
+        return self.index.add_blob(BlobRecord(str(digest), size, RAW, size, "", now, now)) \
+            and published
 
     @staticmethod
     def _hash_only(chunks: Iterator[Any], hasher: Hasher, pool: BufferPool,

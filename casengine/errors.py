@@ -63,6 +63,13 @@ class BlobNotFound(NotFound):
         self.digest = digest
 
 
+class UploadNotFound(NotFound):
+    def __init__(self, upload_id: object) -> None:
+        shown = repr(upload_id)[:80]
+        super().__init__(f"upload {shown} not found: unknown, finished, cancelled or expired")
+        self.upload_id = upload_id
+
+
 class AlreadyExists(CASError, FileExistsError):
     exit_code = 6
 
@@ -71,6 +78,19 @@ class Conflict(CASError):
     """Another writer got there first; retrying the same request may succeed."""
 
     exit_code = 6
+
+
+class OffsetMismatch(CASError):
+    """A chunk that does not start where the upload stands; nothing of it was appended."""
+
+    exit_code = 6
+
+    def __init__(self, upload_id: str, offset: int, current: int) -> None:
+        super().__init__(
+            f"upload {upload_id}: the chunk starts at byte {offset}, but the upload is at {current}"
+        )
+        self.upload_id = upload_id
+        self.offset = current
 
 
 class BackendError(CASError, OSError):

@@ -11,13 +11,14 @@ the backend's keys and objects (see :mod:`casengine.layout`).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import lmdb
@@ -36,7 +37,7 @@ class BlobRecord:
     size: int  #: logical size in bytes
     codec: str  #: how the bytes are stored (``raw``, ``zst``)
     stored_size: int  #: size of the stored object
-    xxh3: str  #: xxh3-128 of the stored bytes, hex
+    xxh3: str  #: xxh3-128 of the stored bytes, hex; "" until first computed (see check)
     created: float  #: unix time the blob was first stored
     touched: float  #: unix time it was last stored again or referenced
 
@@ -64,6 +65,23 @@ class Index(ABC):
     @abstractmethod
     def count_blobs(self) -> int: ...
 
+    # Upload sessions: JSON-able records keyed by upload id. ``update_upload`` is the one
+    # atomic read-modify-write every session change goes through.
+
+    @abstractmethod
+    def get_upload(self, upload_id: str) -> dict | None: ...
+
+    @abstractmethod
+    def update_upload(self, upload_id: str, change: Callable[[dict | None], dict | None]) -> dict | None:
+        """Atomically replace the record with ``change(old)``; None deletes it.
+
+        ``change`` runs inside the write transaction, so no other thread or process can
+        change the record in between; it may raise to leave the record as it was.
+        """
+
+    @abstractmethod
+    def iter_uploads(self) -> Iterator[dict]: ...
+
     def close(self) -> None:
         """Release the store. The default has nothing to release."""
 
@@ -73,17 +91,20 @@ _BLOB = struct.Struct("<B7sQQ16sdd")
 _VERSION = 1
 
 
+_NO_XXH3 = bytes(16)
+
+
 def _pack(r: BlobRecord) -> bytes:
-    return _BLOB.pack(_VERSION, r.codec.encode(), r.size, r.stored_size, bytes.fromhex(r.xxh3),
-                      r.created, r.touched)
+    xxh = bytes.fromhex(r.xxh3) if r.xxh3 else _NO_XXH3
+    return _BLOB.pack(_VERSION, r.codec.encode(), r.size, r.stored_size, xxh, r.created, r.touched)
 
 
 def _unpack(key: bytes, value: bytes) -> BlobRecord:
     version, codec, size, stored, xxh, created, touched = _BLOB.unpack(value)
     if version != _VERSION:
         raise BackendError(f"index record of {key.decode()} has unknown version {version}")
-    return BlobRecord(key.decode(), size, codec.rstrip(b"\0").decode(), stored, xxh.hex(),
-                      created, touched)
+    return BlobRecord(key.decode(), size, codec.rstrip(b"\0").decode(), stored,
+                      "" if xxh == _NO_XXH3 else xxh.hex(), created, touched)
 
 
 class LmdbIndex(Index):
@@ -102,6 +123,7 @@ class LmdbIndex(Index):
         except (OSError, lmdb.Error) as exc:
             raise ConfigError(f"cannot open the index at {path}: {exc}") from exc
         self._blobs = self.env.open_db(b"blobs")
+        self._uploads = self.env.open_db(b"uploads")
 
     @classmethod
     def temporary(cls) -> LmdbIndex:
@@ -161,6 +183,27 @@ class LmdbIndex(Index):
     def count_blobs(self) -> int:
         with self.env.begin(db=self._blobs) as txn:
             return txn.stat(self._blobs)["entries"]
+
+    def get_upload(self, upload_id: str) -> dict | None:
+        with self.env.begin(db=self._uploads) as txn:
+            value = txn.get(upload_id.encode())
+        return None if value is None else json.loads(value)
+
+    def update_upload(self, upload_id: str, change: Callable[[dict | None], dict | None]) -> dict | None:
+        key = upload_id.encode()
+        with self.env.begin(db=self._uploads, write=True) as txn:
+            old = txn.get(key)
+            new = change(None if old is None else json.loads(old))
+            if new is None:
+                txn.delete(key)
+            else:
+                txn.put(key, json.dumps(new, separators=(",", ":")).encode())
+            return new
+
+    def iter_uploads(self) -> Iterator[dict]:
+        with self.env.begin(db=self._uploads) as txn:
+            values = [json.loads(v) for _, v in txn.cursor()]
+        return iter(values)
 
     def close(self) -> None:
         self.env.close()

@@ -11,6 +11,11 @@ blob's key names its digest and the codec its bytes are stored in::
     |   |       +-- 3fa9...c2.zst            or: seekable zstd frames of those bytes
     |   +-- sha512/
     |       +-- ...
+    +-- uploads/
+    |   +-- 9c1e...(32 hex)/                 one chunked upload session's staged bytes
+    |       +-- data                         local: one file, appended in place
+    |       +-- 0000000000000000 ...         generic: one object per append, by offset
+    |       +-- pending, data                S3: the tail below a part, the multipart target
     +-- .tmp/                                local roots: temp files before rename
     +-- .index/                              local roots: the LMDB index (default place)
 
@@ -26,6 +31,7 @@ import re
 from casengine.digest import ALGORITHMS, Digest
 
 BLOBS = "blobs/"
+UPLOADS = "uploads/"
 
 #: Stored codecs and their key suffix.
 RAW = "raw"
@@ -38,6 +44,11 @@ _BLOB_KEY = re.compile(
 
 def blob_key(digest: Digest, codec: str = RAW) -> str:
     return f"{BLOBS}{digest.algorithm}/{digest.hex[:2]}/{digest.hex}.{codec}"
+
+
+def upload_key(upload_id: str) -> str:
+    """The prefix under which an upload session's bytes are staged."""
+    return f"{UPLOADS}{upload_id}"
 
 
 def parse_blob_key(key: str) -> tuple[Digest, str] | None:

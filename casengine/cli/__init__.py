@@ -13,6 +13,7 @@ import click
 
 from casengine.cli.blob import blob
 from casengine.cli.common import Settings, run_guarded
+from casengine.cli.uploads import uploads
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,6 +34,7 @@ def cli(ctx: click.Context, root: str, index: str | None, storage_options: tuple
 
 
 cli.add_command(blob)
+cli.add_command(uploads)
 
 
 def main() -> None:

@@ -1,0 +1,54 @@
+"""``casengine uploads``: list chunked upload sessions and purge the abandoned ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import click
+
+from casengine.cli.common import emit_json, engine_from
+
+
+@click.group()
+def uploads() -> None:
+    """Chunked upload sessions."""
+
+
+@uploads.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.pass_context
+def ls(ctx: click.Context, as_json: bool) -> None:
+    """List open upload sessions: id, repository, bytes so far, idle time."""
+    with engine_from(ctx) as engine:
+        sessions = list(engine.uploads.list())
+    if as_json:
+        emit_json([dataclasses.asdict(s) for s in sessions])
+        return
+    from casengine.units import format_duration, format_size
+
+    now = time.time()
+    for s in sessions:
+        idle = format_duration(round(now - s.updated))
+        click.echo(f"{s.id}\t{s.repository or '-'}\t{format_size(s.offset)}\tidle {idle}")
+
+
+@uploads.command()
+@click.option("--older-than", default=None, metavar="DURATION",
+              help="Idle time after which a session is abandoned (default: the TTL, 24h).")
+@click.option("--dry-run", is_flag=True, help="Report what would be purged; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
+@click.pass_context
+def purge(ctx: click.Context, older_than: str | None, dry_run: bool, as_json: bool) -> None:
+    """Remove upload sessions idle longer than DURATION, and their staged bytes."""
+    from casengine.units import format_size, parse_duration
+
+    age = parse_duration(older_than) if older_than is not None else None
+    with engine_from(ctx) as engine:
+        report = engine.uploads.purge(age, dry_run=dry_run)
+    if as_json:
+        emit_json({"dry_run": report.dry_run, "sessions": len(report.sessions),
+                   "bytes": report.bytes, "ids": [s.id for s in report.sessions]})
+        return
+    verb = "would purge" if dry_run else "purged"
+    click.echo(f"{verb} {len(report.sessions)} sessions, {format_size(report.bytes)}")

@@ -1,0 +1,300 @@
+"""Chunked upload sessions that survive restarts and continue in any process.
+
+A session's state lives in the index (one record per session) and its bytes in the
+backend's upload staging (:meth:`casengine.backend.Backend.append`); nothing lives in
+process memory, so any thread or process that opens the same store can continue it.
+
+An append is three steps:
+
+1. **claim**: one index transaction checks that the chunk starts at the session's offset
+   and that no live append holds the session, then records a lease (pid, token, time).
+   A chunk at the wrong offset is refused with the current offset; a concurrent append
+   gets :class:`~casengine.errors.Conflict`. Bytes never interleave.
+2. **write**: the chunk streams into the staged data at that offset, hashed on the way by
+   a resumable hasher restored from the state saved after the previous chunk.
+3. **release**: one transaction advances the offset and saves the hash state and the
+   backend's state, if the lease is still ours. Only now is the chunk acknowledged.
+
+A crash between 1 and 3 leaves the offset at the last acknowledged chunk. The lease of a
+dead process is ignored, and the next append overwrites what the dead one left. A commit
+takes its digest from the saved hash state and never reads the data again; only a session
+without a usable state (another algorithm, or no libcrypto) is re-hashed from storage,
+with a warning in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from casengine import hashstate
+from casengine.digest import Digest, Hasher, parse_digest
+from casengine.errors import (
+    Conflict,
+    DigestMismatch,
+    InvalidInput,
+    OffsetMismatch,
+    SizeMismatch,
+    UploadNotFound,
+)
+from casengine.ingest import POOL, BufferPool, Source, WritePipeline, open_source
+from casengine.layout import UPLOADS, upload_key
+
+if TYPE_CHECKING:
+    from casengine.engine import Engine, IngestResult
+
+log = logging.getLogger(__name__)
+
+#: Sessions idle longer than this are swept by :meth:`Uploads.purge` by default.
+DEFAULT_TTL = 24 * 3600.0
+#: A lease older than this is stale even if its pid is alive (the pid may be reused).
+LEASE_MAX = 3600.0
+_ID = re.compile(r"[a-f0-9]{32}")
+_HOST = socket.gethostname()
+
+
+@dataclass(frozen=True, slots=True)
+class UploadStatus:
+    id: str
+    repository: str | None
+    offset: int  #: bytes acknowledged so far; the next chunk must start here
+    created: float
+    updated: float
+
+    @classmethod
+    def of(cls, rec: dict) -> UploadStatus:
+        return cls(rec["id"], rec.get("repository"), rec["offset"], rec["created"],
+                   rec["updated"])
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeReport:
+    sessions: list[UploadStatus]
+    bytes: int
+    dry_run: bool
+
+
+def _lease_live(lease: dict | None, now: float) -> bool:
+    if not lease or now - lease["since"] > LEASE_MAX:
+        return False
+    if lease["host"] != _HOST or lease["pid"] == os.getpid():
+        return True
+    try:
+        os.kill(lease["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Uploads:
+    """Upload sessions of one engine (``engine.uploads``)."""
+
+    def __init__(self, engine: Engine, ttl: float = DEFAULT_TTL) -> None:
+        self.engine = engine
+        self.ttl = ttl
+
+    @property
+    def min_chunk(self) -> int:
+        """The smallest chunk worth sending (for ``OCI-Chunk-Min-Length``); 0 means any."""
+        return self.engine.backend.min_chunk
+
+    # -- session records ------------------------------------------------------------------
+
+    def _change(self, upload_id: str, change: Callable[[dict], dict | None]) -> dict | None:
+        def guarded(old: dict | None) -> dict | None:
+            if old is None:
+                raise UploadNotFound(upload_id)
+            return change(old)
+
+        return self.engine.index.update_upload(self._check_id(upload_id), guarded)
+
+    @staticmethod
+    def _check_id(upload_id: str) -> str:
+        # ids are ours: anything else cannot name a session, and must never reach a key
+        if not isinstance(upload_id, str) or not _ID.fullmatch(upload_id):
+            raise UploadNotFound(upload_id)
+        return upload_id
+
+    def _claim(self, upload_id: str, offset: int | None) -> tuple[dict, str]:
+        token = secrets.token_hex(8)
+
+        def claim(rec: dict) -> dict:
+            now = time.time()
+            if offset is not None and offset != rec["offset"]:
+                raise OffsetMismatch(upload_id, offset, rec["offset"])
+            if _lease_live(rec.get("lease"), now):
+                raise Conflict(f"upload {upload_id} is busy with another request; retry")
+            return {**rec, "lease": {"pid": os.getpid(), "host": _HOST, "token": token,
+                                     "since": now}}
+
+        rec = self._change(upload_id, claim)
+        assert rec is not None
+        return rec, token
+
+    def _release(self, upload_id: str, token: str, **updates: object) -> dict | None:
+        def release(rec: dict) -> dict:
+            if (rec.get("lease") or {}).get("token") != token:
+                raise Conflict(f"upload {upload_id} was taken over while this request ran")
+            return {**rec, **updates, "lease": None, "updated": time.time()}
+
+        return self._change(upload_id, release)
+
+    # -- the session API ------------------------------------------------------------------
+
+    def start(self, repository: str | None = None) -> UploadStatus:
+        upload_id = secrets.token_hex(16)
+        now = time.time()
+        hashed = hashstate.available()
+        rec = {"id": upload_id, "repository": repository, "offset": 0, "created": now,
+               "updated": now, "lease": None, "backend": {},
+               "hash": {"algorithm": "sha256", "state": hashstate.ResumableHash().state().hex()}
+               if hashed else None}
+        self.engine.index.update_upload(upload_id, lambda _: rec)
+        return UploadStatus.of(rec)
+
+    def status(self, upload_id: str) -> UploadStatus:
+        rec = self.engine.index.get_upload(self._check_id(upload_id))
+        if rec is None:
+            raise UploadNotFound(upload_id)
+        return UploadStatus.of(rec)
+
+    def list(self) -> Iterator[UploadStatus]:
+        return (UploadStatus.of(r) for r in self.engine.index.iter_uploads())
+
+    def append(self, upload_id: str, source: Source, offset: int, *,
+               length: int | None = None) -> UploadStatus:
+        """Append ``source`` at ``offset``; ``length``, if known, is verified."""
+        if not isinstance(offset, int) or offset < 0:
+            raise InvalidInput(f"invalid offset {offset!r}")
+        rec, token = self._claim(upload_id, offset)
+        try:
+            written, state, hash_rec = self._write(rec, source, length)
+        except BaseException:
+            self._release(upload_id, token)
+            raise
+        new = self._release(upload_id, token, offset=offset + written, backend=state,
+                            hash=hash_rec)
+        assert new is not None
+        return UploadStatus.of(new)
+
+    def _write(self, rec: dict, source: Source, length: int | None) -> tuple[int, dict, dict | None]:
+        saved = rec.get("hash")
+        hasher: hashstate.ResumableHash | None = None
+        if saved is not None:
+            hasher = hashstate.ResumableHash.restore(
+                saved["algorithm"], bytes.fromhex(saved["state"]), rec["offset"])
+        backend = self.engine.backend
+        pool = BufferPool(POOL, self.engine.chunk_size)
+        n = 0
+        with (open_source(source, pool, self.engine.chunk_size) as chunks,
+              backend.append(upload_key(rec["id"]), rec["backend"], rec["offset"]) as appender,
+              WritePipeline(appender, pool.put) as pipe):
+            for chunk in chunks:
+                if hasher is not None:
+                    hasher.update(chunk[0])
+                n += len(chunk[0])
+                if length is not None and n > length:
+                    raise SizeMismatch(length, n)
+                pipe.put(chunk)
+            pipe.finish()
+            if length is not None and n != length:
+                raise SizeMismatch(length, n)
+            state = appender.finish()
+        hash_rec = None if hasher is None else {"algorithm": hasher.algorithm,
+                                                "state": hasher.state().hex()}
+        return n, state, hash_rec
+
+    def commit(self, upload_id: str, digest: str | Digest, *, last: Source | None = None,
+               size: int | None = None) -> IngestResult:
+        """Verify and publish the session as a blob, optionally appending ``last`` first."""
+        from casengine.engine import IngestResult
+
+        expected = parse_digest(digest)
+        if last is not None:
+            self.append(upload_id, last, self.status(upload_id).offset)
+        rec, token = self._claim(upload_id, None)
+        try:
+            total = rec["offset"]
+            if size is not None and size != total:
+                raise SizeMismatch(size, total)
+            actual = self._digest_of(rec, expected.algorithm)
+            if actual != expected:
+                raise DigestMismatch(expected, actual)
+            created = self.engine.publish_staged(upload_key(upload_id), rec["backend"], actual,
+                                                 total)
+        except BaseException:
+            self._release(upload_id, token)
+            raise
+        self._forget(upload_id, rec)
+        return IngestResult(actual, total, created)
+
+    def _digest_of(self, rec: dict, algorithm: str) -> Digest:
+        saved = rec.get("hash")
+        if saved is not None and saved["algorithm"] == algorithm:
+            return hashstate.ResumableHash.restore(
+                algorithm, bytes.fromhex(saved["state"]), rec["offset"]).digest()
+        log.warning("upload %s has no saved %s state: re-hashing %d bytes from storage",
+                    rec["id"], algorithm, rec["offset"])
+        hasher = Hasher(algorithm)
+        for chunk in self.engine.backend.read_upload(upload_key(rec["id"]), rec["backend"]):
+            hasher.update(chunk)
+        if hasher.size != rec["offset"]:
+            raise SizeMismatch(rec["offset"], hasher.size)
+        return hasher.digest()
+
+    def cancel(self, upload_id: str) -> None:
+        """Drop the session and its staged bytes; unknown ids raise UploadNotFound."""
+        rec, _ = self._claim(upload_id, None)
+        self._forget(upload_id, rec)
+
+    def _forget(self, upload_id: str, rec: dict) -> None:
+        # record first: a crash after it leaves only staged bytes, which purge finds
+        self.engine.index.update_upload(upload_id, lambda _: None)
+        self.engine.backend.discard_upload(upload_key(upload_id), rec["backend"])
+
+    def purge(self, older_than: float | None = None, *, dry_run: bool = False) -> PurgeReport:
+        """Sweep sessions idle longer than ``older_than`` (default: the TTL).
+
+        Also removes staged bytes that no session record names (left by a crash), and lets
+        the backend drop its own abandoned state (S3 multipart uploads).
+        """
+        cutoff = time.time() - (self.ttl if older_than is None else older_than)
+        swept: list[UploadStatus] = []
+        reclaimed = 0
+        for rec in self.engine.index.iter_uploads():
+            if rec["updated"] > cutoff or _lease_live(rec.get("lease"), time.time()):
+                continue
+            if not dry_run:
+                try:
+                    rec, _ = self._claim(rec["id"], None)
+                except (Conflict, UploadNotFound):
+                    continue
+                if rec["updated"] > cutoff:
+                    continue  # touched meanwhile
+                self._forget(rec["id"], rec)
+            swept.append(UploadStatus.of(rec))
+            reclaimed += rec["offset"]
+        if not dry_run:
+            self._purge_orphans(cutoff)
+            self.engine.backend.purge_staging(cutoff)
+        return PurgeReport(swept, reclaimed, dry_run)
+
+    def _purge_orphans(self, cutoff: float) -> None:
+        backend = self.engine.backend
+        seen: set[str] = set()
+        for key in backend.list(UPLOADS):
+            upload_id = key[len(UPLOADS):].split("/", 1)[0]
+            if upload_id in seen or self.engine.index.get_upload(upload_id) is not None:
+                continue
+            if backend.stat(key).mtime <= cutoff:
+                seen.add(upload_id)
+                backend.discard_upload(upload_key(upload_id), {})
