@@ -1,0 +1,275 @@
+"""Chunked upload sessions: offsets, resume in another engine and process, crashes, expiry."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from casengine import Engine
+from casengine.errors import (
+    Conflict,
+    DigestMismatch,
+    OffsetMismatch,
+    SizeMismatch,
+    UploadNotFound,
+)
+
+DATA = os.urandom((5 << 20) + 4321)
+DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+
+
+@pytest.fixture(params=["local", "memory"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return str(tmp_path / "root") if request.param == "local" else "memory://"
+
+
+@pytest.fixture
+def engine(url: str) -> Iterator[Engine]:
+    with Engine.open(url) as e:
+        yield e
+
+
+def _append_all(engine: Engine, upload_id: str, data: bytes, chunk: int) -> None:
+    offset = engine.uploads.status(upload_id).offset
+    while offset < len(data):
+        offset = engine.uploads.append(upload_id, data[offset : offset + chunk], offset).offset
+
+
+def _nothing_staged(engine: Engine) -> None:
+    assert list(engine.uploads.list()) == []
+    assert list(engine.backend.list("uploads/")) == []
+
+
+def test_chunks_then_commit(engine: Engine) -> None:
+    s = engine.uploads.start("team/app")
+    assert (s.offset, s.repository) == (0, "team/app")
+    _append_all(engine, s.id, DATA, 1 << 20)
+    assert engine.uploads.status(s.id).offset == len(DATA)
+    result = engine.uploads.commit(s.id, DIGEST, size=len(DATA))
+    assert result.created and str(result.digest) == DIGEST
+    assert engine.read_bytes(DIGEST) == DATA
+    _nothing_staged(engine)
+    with pytest.raises(UploadNotFound):
+        engine.uploads.status(s.id)
+
+
+def test_commit_with_last_chunk_and_empty_upload(engine: Engine) -> None:
+    s = engine.uploads.start()
+    engine.uploads.append(s.id, DATA[:1000], 0)
+    assert engine.uploads.commit(s.id, DIGEST, last=DATA[1000:]).size == len(DATA)
+    empty = engine.uploads.start()
+    r = engine.uploads.commit(empty.id, "sha256:" + hashlib.sha256(b"").hexdigest())
+    assert r.size == 0 and engine.read_bytes(r.digest) == b""
+    _nothing_staged(engine)
+
+
+def test_out_of_order_chunk_is_refused_and_nothing_appended(engine: Engine) -> None:
+    s = engine.uploads.start()
+    engine.uploads.append(s.id, DATA[:100], 0)
+    for bad in (0, 50, 101, 10**9):
+        with pytest.raises(OffsetMismatch) as info:
+            engine.uploads.append(s.id, b"junk", bad)
+        assert info.value.offset == 100
+    engine.uploads.append(s.id, DATA[100:], 100)
+    assert engine.uploads.commit(s.id, DIGEST).size == len(DATA)
+
+
+def test_wrong_digest_or_size_publishes_nothing_and_keeps_the_session(engine: Engine) -> None:
+    s = engine.uploads.start()
+    engine.uploads.append(s.id, DATA, 0)
+    with pytest.raises(DigestMismatch) as info:
+        engine.uploads.commit(s.id, "sha256:" + "0" * 64)
+    assert DIGEST in str(info.value) and "0" * 64 in str(info.value)
+    with pytest.raises(SizeMismatch):
+        engine.uploads.commit(s.id, DIGEST, size=len(DATA) + 1)
+    assert list(engine.list()) == []
+    assert engine.uploads.commit(s.id, DIGEST).created
+
+
+def test_declared_chunk_length_is_checked(engine: Engine) -> None:
+    s = engine.uploads.start()
+    with pytest.raises(SizeMismatch):
+        engine.uploads.append(s.id, DATA[:1000], 0, length=2000)
+    with pytest.raises(SizeMismatch):
+        engine.uploads.append(s.id, DATA[:1000], 0, length=10)
+    assert engine.uploads.status(s.id).offset == 0
+    engine.uploads.append(s.id, DATA, 0, length=len(DATA))
+    assert engine.uploads.commit(s.id, DIGEST).size == len(DATA)
+
+
+def test_commit_of_stored_blob_dedupes(engine: Engine) -> None:
+    engine.ingest(DATA)
+    s = engine.uploads.start()
+    engine.uploads.append(s.id, DATA, 0)
+    assert not engine.uploads.commit(s.id, DIGEST).created
+    _nothing_staged(engine)
+
+
+def test_cancel(engine: Engine) -> None:
+    s = engine.uploads.start()
+    engine.uploads.append(s.id, DATA[:5000], 0)
+    engine.uploads.cancel(s.id)
+    _nothing_staged(engine)
+    with pytest.raises(UploadNotFound):
+        engine.uploads.append(s.id, b"x", 5000)
+
+
+@pytest.mark.parametrize("bad", ["", "../../etc", "x" * 32, "A" * 32, "0" * 31, None])
+def test_unknown_or_malformed_ids(engine: Engine, bad: object) -> None:
+    with pytest.raises(UploadNotFound):
+        engine.uploads.status(bad)  # type: ignore[arg-type]
+    with pytest.raises(UploadNotFound):
+        engine.uploads.append(bad, b"x", 0)  # type: ignore[arg-type]
+
+
+def test_concurrent_appends_one_wins(engine: Engine) -> None:
+    s = engine.uploads.start()
+    gate = threading.Event()
+    results: list[str] = []
+
+    def slow_chunks() -> Iterator[bytes]:
+        yield b"a" * 1000
+        gate.wait(10)
+        yield b"b" * 1000
+
+    def first() -> None:
+        engine.uploads.append(s.id, slow_chunks(), 0)
+        results.append("first")
+
+    t = threading.Thread(target=first)
+    t.start()
+    deadline = time.time() + 10
+    while engine.index.get_upload(s.id)["lease"] is None and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(Conflict):
+        engine.uploads.append(s.id, b"c" * 1000, 0)
+    gate.set()
+    t.join()
+    assert results == ["first"]
+    r = engine.uploads.commit(s.id, "sha256:" + hashlib.sha256(b"a" * 1000 + b"b" * 1000).hexdigest())
+    assert engine.read_bytes(r.digest) == b"a" * 1000 + b"b" * 1000
+
+
+def test_resume_in_a_new_engine_reads_nothing_at_commit(tmp_path: Path) -> None:
+    root = str(tmp_path / "root")
+    with Engine.open(root) as e:
+        s = e.uploads.start()
+        e.uploads.append(s.id, DATA[: 3 << 20], 0)
+    with Engine.open(root) as e:
+        reads: list[str] = []
+        for name in ("read", "read_upload"):
+            real = getattr(e.backend, name)
+
+            def counted(*args: object, _real=real, _name=name, **kw: object) -> object:
+                reads.append(_name)
+                return _real(*args, **kw)
+
+            setattr(e.backend, name, counted)
+        assert e.uploads.status(s.id).offset == 3 << 20
+        e.uploads.append(s.id, DATA[3 << 20 :], 3 << 20)
+        assert e.uploads.commit(s.id, DIGEST).created
+        assert reads == [], "commit read uploaded data again"
+        assert e.read_bytes(DIGEST) == DATA
+
+
+def _python(code: str, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+APPEND = """
+    import sys
+    from casengine import Engine
+    root, upload_id, path, start, end = sys.argv[1:6]
+    data = open(path, "rb").read()[int(start):int(end)]
+    with Engine.open(root) as e:
+        print(e.uploads.append(upload_id, data, int(start)).offset, flush=True)
+"""
+
+
+def test_appends_from_other_processes(tmp_path: Path) -> None:
+    root, path = str(tmp_path / "root"), tmp_path / "data"
+    path.write_bytes(DATA)
+    with Engine.open(root) as e:
+        s = e.uploads.start()
+    cuts = [0, 1 << 20, 3 << 20, len(DATA)]
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        p = _python(APPEND, root, s.id, str(path), str(a), str(b))
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err.decode()
+        assert int(out) == b
+    with Engine.open(root) as e:
+        assert e.uploads.commit(s.id, DIGEST).created
+
+
+SLOW_APPEND = """
+    import sys, time
+    from casengine import Engine
+    root, upload_id, offset = sys.argv[1:4]
+    def chunks():
+        for i in range(400):
+            yield bytes([i % 251]) * 65536
+            time.sleep(0.002)
+    with Engine.open(root) as e:
+        print("started", flush=True)
+        e.uploads.append(upload_id, chunks(), int(offset))
+"""
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.2, 0.4])
+def test_kill_9_mid_append_then_resume(tmp_path: Path, delay: float) -> None:
+    root = str(tmp_path / "root")
+    with Engine.open(root) as e:
+        s = e.uploads.start()
+        e.uploads.append(s.id, DATA[:4096], 0)
+    p = _python(SLOW_APPEND, root, s.id, "4096")
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == b"started"
+    time.sleep(delay)
+    p.send_signal(signal.SIGKILL)
+    p.wait(30)
+    with Engine.open(root) as e:
+        assert e.uploads.status(s.id).offset == 4096  # the last acknowledged chunk
+        with pytest.raises(OffsetMismatch):
+            e.uploads.append(s.id, b"x", 8192)
+        e.uploads.append(s.id, DATA[4096:], 4096)
+        assert e.uploads.commit(s.id, DIGEST).created
+        assert e.read_bytes(DIGEST) == DATA
+
+
+def test_expiry_sweep(engine: Engine) -> None:
+    old = engine.uploads.start()
+    engine.uploads.append(old.id, DATA[:777], 0)
+    fresh = engine.uploads.start()
+    engine.uploads.append(fresh.id, DATA[:10], 0)
+    aged = {**engine.index.get_upload(old.id), "updated": time.time() - 7200}
+    engine.index.update_upload(old.id, lambda _: aged)
+    dry = engine.uploads.purge(3600, dry_run=True)
+    assert [s.id for s in dry.sessions] == [old.id] and dry.bytes == 777
+    assert engine.uploads.status(old.id).offset == 777
+    report = engine.uploads.purge(3600)
+    assert [s.id for s in report.sessions] == [old.id]
+    with pytest.raises(UploadNotFound):
+        engine.uploads.status(old.id)
+    assert engine.uploads.status(fresh.id).offset == 10
+    assert all(old.id not in k for k in engine.backend.list("uploads/"))
+
+
+def test_purge_removes_staged_bytes_without_a_record(tmp_path: Path) -> None:
+    with Engine.open(str(tmp_path / "root")) as e:
+        s = e.uploads.start()
+        e.uploads.append(s.id, DATA[:100], 0)
+        e.index.update_upload(s.id, lambda _: None)  # as if a crash lost the record
+        assert list(e.backend.list("uploads/"))
+        e.uploads.purge(0)
+        assert list(e.backend.list("uploads/")) == []
