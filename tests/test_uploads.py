@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import signal
 import subprocess
@@ -203,7 +204,7 @@ def test_appends_from_other_processes(tmp_path: Path) -> None:
     with Engine.open(root) as e:
         s = e.uploads.start()
     cuts = [0, 1 << 20, 3 << 20, len(DATA)]
-    for a, b in zip(cuts, cuts[1:], strict=False):
+    for a, b in itertools.pairwise(cuts):
         p = _python(APPEND, root, s.id, str(path), str(a), str(b))
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0, err.decode()
