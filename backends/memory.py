@@ -8,6 +8,7 @@ one copy of each chunk and no final join.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from casengine.errors import NotFound
 class _Object:
     __slots__ = ("chunks", "mtime", "size", "starts")
 
-    def __init__(self, chunks: list[bytes]) -> None:
+    def __init__(self, chunks: list[Buffer]) -> None:
         self.chunks = chunks
         self.starts: list[int] = []
         pos = 0
@@ -41,14 +42,23 @@ class _Object:
 class MemoryWriter(Writer):
     def __init__(self, backend: MemoryBackend) -> None:
         self._backend = backend
-        self._chunks: list[bytes] = []
+        self._chunks: list[Buffer] = []
         self.size = 0
 
     def write(self, data: Buffer) -> None:
-        chunk = bytes(data)
-        if chunk:
-            self._chunks.append(chunk)
-            self.size += len(chunk)
+        view = memoryview(data).cast("B")
+        if not view:
+            return
+        if isinstance(view.obj, bytes):
+            chunk: Buffer = view  # immutable: keep a reference, copy nothing
+        elif view.readonly:
+            chunk = bytes(view)
+        else:  # the caller may reuse its buffer: copy, with the GIL released (ctypes)
+            chunk = bytearray(len(view))
+            ctypes.memmove(ctypes.addressof(ctypes.c_char.from_buffer(chunk)),
+                           ctypes.addressof(ctypes.c_char.from_buffer(view)), len(view))
+        self._chunks.append(chunk)
+        self.size += len(view)
 
     def commit(self, key: str, *, exclusive: bool = False) -> bool:
         check_key(key)

@@ -363,9 +363,9 @@ def backend_class(scheme: str) -> type[Backend]:
     table = _registered()
     if scheme in table:
         return _load(table[scheme], scheme)
-    import fsspec.registry
+    from fsspec.registry import known_implementations, registry
 
-    if scheme in fsspec.registry.known_implementations or scheme in fsspec.registry.registry:
+    if scheme in known_implementations or scheme in registry:
         return _load(FSSPEC_GENERIC, scheme)
     raise UnknownScheme(
         f"unknown storage scheme {scheme!r}: casengine knows {', '.join(sorted(table))} "

@@ -131,8 +131,8 @@ class Engine:
                 # Publish first, record second: an object without a record is harmless, a
                 # record without its object would be a lie. A lost publish race means the
                 # same bytes are already there.
-                published = writer.commit(blob_key(actual, RAW), exclusive=True)
-                created = self.index.add_blob(record) and published
+                created = writer.commit(blob_key(actual, RAW), exclusive=True)
+                self.index.add_blob(record)
         return IngestResult(actual, hasher.size, created)
 
     def publish_staged(self, key: str, state: dict, digest: Digest, size: int) -> bool:
@@ -147,8 +147,8 @@ class Engine:
         published = self.backend.publish_upload(key, state, size, blob_key(digest, RAW),
                                                 exclusive=True)
         now = time.time()
-        return self.index.add_blob(BlobRecord(str(digest), size, RAW, size, "", now, now)) \
-            and published
+        self.index.add_blob(BlobRecord(str(digest), size, RAW, size, "", now, now))
+        return published
 
     @staticmethod
     def _hash_only(chunks: Iterator[Any], hasher: Hasher, pool: BufferPool,

@@ -151,7 +151,7 @@ class LmdbIndex(Index):
             old = txn.get(key)
             if old is None:
                 return False
-            txn.put(key, _pack(replace(_unpack(key, old), touched=when or time.time())))
+            txn.put(key, _pack(replace(_unpack(key, old), touched=time.time() if when is None else when)))
             return True
 
     def delete_blob(self, digest: str) -> bool:

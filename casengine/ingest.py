@@ -1,8 +1,9 @@
 """Moving bytes in: turn any source into chunks, and write them on a second thread.
 
-Ingest is bounded by sha256 on one core. To reach that limit the calling thread only reads
-and hashes, while :class:`WritePipeline` hands each chunk to a writer thread that computes the
-xxh3 of the stored bytes and writes them to the backend. ``hashlib``, ``xxhash`` and file I/O
+Ingest is bounded by sha256 on one core. To reach that limit the calling thread only
+hashes: files and streams are read ahead on a reader thread (:func:`_read_ahead`), and
+:class:`WritePipeline` hands each hashed chunk to a writer thread that computes the xxh3 of
+the stored bytes and writes them to the backend. ``hashlib``, ``xxhash`` and file I/O
 release the GIL, so the two run in parallel. Memory stays bounded: stream sources are read
 into a small pool of reused buffers, and a buffer goes back to the pool only once it has
 been written.
@@ -15,6 +16,7 @@ import mmap
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, Self
 
@@ -26,8 +28,8 @@ from casengine.errors import InvalidInput
 #: Chunk size for reading streams and files: large enough that per-chunk overhead vanishes
 #: next to hashing, small enough that the buffer pool stays a few MiB.
 CHUNK = 4 << 20
-#: Buffers in flight per ingest; bounds memory at POOL * CHUNK.
-POOL = 4
+#: Buffers in flight per ingest (read ahead, hashing, writing); bounds memory at POOL * CHUNK.
+POOL = 6
 
 Source = bytes | bytearray | memoryview | str | os.PathLike | IO[bytes] | Iterable[bytes]
 #: A chunk to hash and write, and the buffer to give back once it is written (or None).
@@ -96,6 +98,54 @@ def _from_iterable(chunks: Iterable[bytes]) -> Iterator[Chunk]:
             yield memoryview(chunk).cast("B"), None
 
 
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_END = object()
+
+
+@contextlib.contextmanager
+def _read_ahead(chunks: Iterator[Chunk], pool: BufferPool) -> Iterator[Iterator[Chunk]]:
+    """Run ``chunks`` on a reader thread, so reading overlaps hashing."""
+    ready: queue.Queue[Any] = queue.Queue(maxsize=POOL)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for chunk in chunks:
+                if stop.is_set():
+                    if chunk[1] is not None:
+                        pool.put(chunk[1])
+                    return
+                ready.put(chunk)
+            ready.put(_END)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's thread
+            ready.put(_Failed(exc))
+
+    def consume() -> Iterator[Chunk]:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+
+    reader = threading.Thread(target=run, name="casengine-reader", daemon=True)
+    reader.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        # Give queued buffers back so a reader blocked on the pool or the queue can finish.
+        # A reader blocked on a silent pipe is left to die with the process.
+        deadline = time.monotonic() + 1.0
+        while reader.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                item = ready.get(timeout=0.05)
+                if isinstance(item, tuple) and item[1] is not None:
+                    pool.put(item[1])
+
+
 @contextlib.contextmanager
 def open_source(source: Source, pool: BufferPool, size: int = CHUNK) -> Iterator[Iterator[Chunk]]:
     """Chunks of ``source``: bytes-like, a path, a binary file object, or an iterable of bytes."""
@@ -105,7 +155,11 @@ def open_source(source: Source, pool: BufferPool, size: int = CHUNK) -> Iterator
         with open(source, "rb", buffering=0) as f:
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            yield _from_stream(f, pool, size)
+            with _read_ahead(_from_stream(f, pool, size), pool) as chunks:
+                yield chunks
+    elif hasattr(source, "readinto"):
+        with _read_ahead(_from_stream(source, pool, size), pool) as chunks:
+            yield chunks
     elif hasattr(source, "read"):
         yield _from_stream(source, pool, size)
     elif isinstance(source, Iterable):

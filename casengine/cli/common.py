@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from collections.abc import Iterator
@@ -58,7 +59,9 @@ def run_guarded(cli: click.Command, *, debug: bool = False) -> int:
     from casengine.errors import CASError
 
     try:
-        cli.main(standalone_mode=False)
+        # make_context + invoke rather than main(): main() turns a broken pipe into exit 1
+        with cli.make_context("casengine", sys.argv[1:]) as ctx:
+            cli.invoke(ctx)
     except click.exceptions.Abort:
         click.echo("casengine: interrupted", err=True)
         return EXIT_INTERRUPTED
@@ -70,14 +73,18 @@ def run_guarded(cli: click.Command, *, debug: bool = False) -> int:
     except KeyboardInterrupt:
         click.echo("casengine: interrupted", err=True)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        sys.stderr.close()  # the reader went away (| head): not an error worth a message
-        return 0
     except CASError as exc:
         if debug:
             traceback.print_exc()
         click.echo(f"casengine: error: {exc}", err=True)
         return exc.exit_code
+    except BrokenPipeError:
+        # the reader went away (| head): not an error; keep the exit flush from failing too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:  # a local file the user named: unreadable, unwritable, missing
+        click.echo(f"casengine: error: {exc.filename or ''}: {exc.strerror or exc}", err=True)
+        return 3 if isinstance(exc, FileNotFoundError) else 7
     except Exception as exc:  # noqa: BLE001 - a bug: one line, and the traceback on request
         if debug:
             traceback.print_exc()
