@@ -14,10 +14,11 @@ but only one publish wins (put-if-absent) and both succeed.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from casengine.backend import Backend, open_backend
 from casengine.digest import DEFAULT_ALGORITHM, Digest, Hasher, parse_digest
@@ -33,7 +34,9 @@ from casengine.errors import (
 from casengine.index import BlobRecord, Index, LmdbIndex
 from casengine.ingest import CHUNK, POOL, BufferPool, Source, WritePipeline, open_source
 from casengine.layout import RAW, blob_key
-from casengine.uploads import DEFAULT_TTL, Uploads
+
+if TYPE_CHECKING:
+    from casengine.uploads import Uploads
 
 DEFAULT_ROOT = "./casengine-data"
 
@@ -50,12 +53,18 @@ class Engine:
     """Open with :meth:`Engine.open`; thread-safe; close when done (or use ``with``)."""
 
     def __init__(self, backend: Backend, index: Index, *, chunk_size: int = CHUNK,
-                 upload_ttl: float = DEFAULT_TTL) -> None:
+                 upload_ttl: float | None = None) -> None:
         self.backend = backend
         self.index = index
         self.chunk_size = chunk_size
-        #: chunked upload sessions (see :mod:`casengine.uploads`)
-        self.uploads = Uploads(self, upload_ttl)
+        self._upload_ttl = upload_ttl
+
+    @functools.cached_property
+    def uploads(self) -> Uploads:
+        """Chunked upload sessions (see :mod:`casengine.uploads`); imported when first used."""
+        from casengine.uploads import DEFAULT_TTL, Uploads
+
+        return Uploads(self, self._upload_ttl or DEFAULT_TTL)
 
     @classmethod
     def open(cls, url: str = DEFAULT_ROOT, *, index: str | None = None,
