@@ -43,20 +43,20 @@ Buffer = bytes | bytearray | memoryview
 #: Default size of the chunks a read yields.
 READ_CHUNK = 1 << 20
 
-_KEY_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_KEY_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
 def check_key(key: str) -> str:
     """Return ``key`` if it is a safe relative key, else raise :class:`InvalidKey`.
 
-    Each ``/``-separated part must start with a letter or digit, so ``..``, ``.``, hidden
-    names, empty parts and absolute paths are all impossible by construction.
+    Each ``/``-separated part must start with a letter, digit or underscore, so ``..``,
+    ``.``, hidden names, empty parts and absolute paths are all impossible by construction.
     """
     if not isinstance(key, str) or not key:
         raise InvalidKey(f"invalid key {key!r}: must be a non-empty string")
     if len(key) > 1024 or not all(_KEY_PART.fullmatch(p) for p in key.split("/")):
         raise InvalidKey(
-            f"invalid key {key[:200]!r}: parts must match [A-Za-z0-9][A-Za-z0-9._-]*, "
+            f"invalid key {key[:200]!r}: parts must match [A-Za-z0-9_][A-Za-z0-9._-]*, "
             "joined by single '/'"
         )
     return key

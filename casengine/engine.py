@@ -15,8 +15,9 @@ but only one publish wins (put-if-absent) and both succeed.
 from __future__ import annotations
 
 import functools
+import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
@@ -26,19 +27,23 @@ from casengine.errors import (
     BackendError,
     BlobNotFound,
     ConfigError,
+    Conflict,
     DigestMismatch,
     InvalidInput,
     NotFound,
     SizeMismatch,
 )
-from casengine.index import BlobRecord, Index, LmdbIndex
+from casengine.index import BlobRecord, Index, LmdbIndex, Txn, unpack_blob
 from casengine.ingest import CHUNK, POOL, BufferPool, Source, WritePipeline, open_source
 from casengine.layout import RAW, blob_key
+from casengine.leases import is_live, new_lease
 
 if TYPE_CHECKING:
     from casengine.uploads import Uploads
 
 DEFAULT_ROOT = "./casengine-data"
+#: How long an ingest waits for a delete of the same digest before it gives up.
+DELETE_WAIT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +142,8 @@ class Engine:
                 if self.index.get_blob(record.digest) is not None:
                     self.index.touch_blob(record.digest, now)
                     return IngestResult(actual, hasher.size, created=False)
-                # Publish first, record second: an object without a record is harmless, a
-                # record without its object would be a lie. A lost publish race means the
-                # same bytes are already there.
-                created = writer.commit(blob_key(actual, RAW), exclusive=True)
-                self.index.add_blob(record)
+                key = blob_key(actual, RAW)
+                created = self._publish(record, lambda: writer.commit(key, exclusive=True))
         return IngestResult(actual, hasher.size, created)
 
     def publish_staged(self, key: str, state: dict, digest: Digest, size: int) -> bool:
@@ -153,11 +155,51 @@ class Engine:
         if self.index.get_blob(str(digest)) is not None:
             self.index.touch_blob(str(digest))
             return False
-        published = self.backend.publish_upload(key, state, size, blob_key(digest, RAW),
-                                                exclusive=True)
         now = time.time()
-        self.index.add_blob(BlobRecord(str(digest), size, RAW, size, "", now, now))
-        return published
+        record = BlobRecord(str(digest), size, RAW, size, "", now, now)
+        final = blob_key(digest, RAW)
+        return self._publish(
+            record, lambda: self.backend.publish_upload(key, state, size, final, exclusive=True))
+
+    def _publish(self, record: BlobRecord, publish: Callable[[], bool]) -> bool:
+        """The one way a blob becomes visible: object first, then its record.
+
+        An object without a record is harmless (check finds it); a record without its
+        object would be a lie. A lost publish race means the same bytes are already there
+        -- unless a delete of the same digest is removing them right now. So: wait until no
+        delete of this digest is running, publish, and record only if no delete began in
+        between (then refuse with Conflict: the caller may retry, nothing was acknowledged).
+        """
+        key = record.digest.encode()
+        deadline = time.monotonic() + DELETE_WAIT
+        while (lease := self._deleting(key)) is not None:
+            if time.monotonic() > deadline:
+                raise Conflict(f"blob {record.digest} is being deleted; retry")
+            time.sleep(0.01)
+            del lease
+        created = publish()
+
+        def no_delete_began(txn: Txn) -> None:
+            value = txn.get("deleting", key)
+            if value is not None and is_live(json.loads(value)):
+                raise Conflict(f"blob {record.digest} is being deleted; retry")
+
+        self.index.add_blob(record, guard=no_delete_began)
+        return created
+
+    def _deleting(self, key: bytes) -> dict | None:
+        """The live lease of a delete of ``key``; a dead one is cleared."""
+        with self.index.transaction() as txn:
+            value = txn.get("deleting", key)
+        if value is None:
+            return None
+        lease = json.loads(value)
+        if is_live(lease):
+            return lease
+        with self.index.transaction(write=True) as txn:
+            if txn.get("deleting", key) == value:
+                txn.delete("deleting", key)
+        return None
 
     @staticmethod
     def _hash_only(chunks: Iterator[Any], hasher: Hasher, pool: BufferPool,
@@ -179,13 +221,28 @@ class Engine:
         return actual
 
     def delete(self, digest: str | Digest) -> bool:
-        """Forget the blob, then remove its bytes; return whether it was stored."""
+        """Forget the blob, then remove its bytes; return whether it was stored.
+
+        While the bytes are being removed a ``deleting`` lease stands in the index, so an
+        ingest of the same content waits instead of trusting an object about to vanish.
+        """
         d = parse_digest(digest)
-        record = self.index.get_blob(str(d))
-        if record is None:
-            return False
-        self.index.delete_blob(str(d))
-        self.backend.delete(blob_key(d, record.codec))
+        key = str(d).encode()
+        lease = new_lease()
+        with self.index.transaction(write=True) as txn:
+            value = txn.get("blobs", key)
+            if value is None:
+                return False
+            record = unpack_blob(key, value)
+            txn.delete("blobs", key)
+            txn.put("deleting", key, json.dumps(lease).encode())
+        try:
+            self.backend.delete(blob_key(d, record.codec))
+        finally:
+            with self.index.transaction(write=True) as txn:
+                value = txn.get("deleting", key)
+                if value is not None and json.loads(value)["token"] == lease["token"]:
+                    txn.delete("deleting", key)
         return True
 
     # -- reading ------------------------------------------------------------------------

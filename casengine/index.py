@@ -1,9 +1,10 @@
 """The metadata index beside the backend: what is stored, how, and since when.
 
-:class:`Index` is the small interface the engine talks to; :class:`LmdbIndex` implements it
-on LMDB, which gives ordered keys, readers that never block, and one writer at a time
-across every thread and process that opens the same directory. Another metadata store can
-be added by implementing :class:`Index`.
+An index is a set of named tables of ordered byte keys, changed in transactions that are
+atomic across every thread and process using it. :class:`Index` asks an implementation
+for just that (:meth:`Index.transaction` returning a :class:`Txn`) and builds the typed
+operations the engine uses on top; :class:`LmdbIndex` implements it on LMDB, which gives
+ordered keys, readers that never block, and one writer at a time across processes.
 
 The index is a cache of facts the backend can prove: everything in it can be rebuilt from
 the backend's keys and objects (see :mod:`casengine.layout`).
@@ -11,6 +12,7 @@ the backend's keys and objects (see :mod:`casengine.layout`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +21,9 @@ import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import lmdb
 
@@ -27,6 +31,36 @@ from casengine.errors import BackendError, ConfigError
 
 #: Virtual size of the LMDB map. The file grows as needed; this only bounds it.
 DEFAULT_MAP_SIZE = 64 << 30
+
+#: Every table an index holds. Adding one is adding a name here.
+TABLES = (
+    "blobs",  # digest -> BlobRecord
+    "deleting",  # digest -> lease of the process deleting the blob's object
+    "uploads",  # upload id -> session record (JSON)
+    "repos",  # repository name -> repository record (JSON)
+    "links",  # repo \0 digest -> b"" : the blob is readable through the repo
+    "manifests",  # repo \0 digest -> manifest record (JSON)
+    "tags",  # repo \0 tag -> digest
+    "refs",  # repo \0 digest -> reference count from the repo's manifests
+    "referrers",  # repo \0 subject \0 digest -> descriptor (JSON)
+    "quotas",  # namespace prefix -> limit in bytes
+)
+
+
+class Txn(Protocol):
+    """One transaction over the index's tables. Keys and values are bytes."""
+
+    def get(self, table: str, key: bytes) -> bytes | None: ...
+
+    def put(self, table: str, key: bytes, value: bytes) -> None: ...
+
+    def delete(self, table: str, key: bytes) -> bool: ...
+
+    def scan(self, table: str, prefix: bytes = b"", start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """Entries whose key starts with ``prefix``, in key order, from ``start`` on."""
+        ...
+
+    def count(self, table: str) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,69 +76,156 @@ class BlobRecord:
     touched: float  #: unix time it was last stored again or referenced
 
 
-class Index(ABC):
-    """Blob records keyed by digest string. Implementations are thread- and process-safe."""
-
-    @abstractmethod
-    def get_blob(self, digest: str) -> BlobRecord | None: ...
-
-    @abstractmethod
-    def add_blob(self, record: BlobRecord) -> bool:
-        """Insert ``record`` unless the digest is present; then touch it and return False."""
-
-    @abstractmethod
-    def touch_blob(self, digest: str, when: float | None = None) -> bool: ...
-
-    @abstractmethod
-    def delete_blob(self, digest: str) -> bool: ...
-
-    @abstractmethod
-    def iter_blobs(self, start: str = "") -> Iterator[BlobRecord]:
-        """Records in digest order, from the first digest >= ``start``."""
-
-    @abstractmethod
-    def count_blobs(self) -> int: ...
-
-    # Upload sessions: JSON-able records keyed by upload id. ``update_upload`` is the one
-    # atomic read-modify-write every session change goes through.
-
-    @abstractmethod
-    def get_upload(self, upload_id: str) -> dict | None: ...
-
-    @abstractmethod
-    def update_upload(self, upload_id: str, change: Callable[[dict | None], dict | None]) -> dict | None:
-        """Atomically replace the record with ``change(old)``; None deletes it.
-
-        ``change`` runs inside the write transaction, so no other thread or process can
-        change the record in between; it may raise to leave the record as it was.
-        """
-
-    @abstractmethod
-    def iter_uploads(self) -> Iterator[dict]: ...
-
-    def close(self) -> None:
-        """Release the store. The default has nothing to release."""
-
-
 # version, codec, size, stored size, xxh3-128, created, touched
 _BLOB = struct.Struct("<B7sQQ16sdd")
 _VERSION = 1
-
-
 _NO_XXH3 = bytes(16)
 
 
-def _pack(r: BlobRecord) -> bytes:
+def pack_blob(r: BlobRecord) -> bytes:
     xxh = bytes.fromhex(r.xxh3) if r.xxh3 else _NO_XXH3
     return _BLOB.pack(_VERSION, r.codec.encode(), r.size, r.stored_size, xxh, r.created, r.touched)
 
 
-def _unpack(key: bytes, value: bytes) -> BlobRecord:
+def unpack_blob(key: bytes, value: bytes) -> BlobRecord:
     version, codec, size, stored, xxh, created, touched = _BLOB.unpack(value)
     if version != _VERSION:
         raise BackendError(f"index record of {key.decode()} has unknown version {version}")
     return BlobRecord(key.decode(), size, codec.rstrip(b"\0").decode(), stored,
                       "" if xxh == _NO_XXH3 else xxh.hex(), created, touched)
+
+
+class Index(ABC):
+    """Tables in transactions; the typed operations below are built on :meth:`transaction`."""
+
+    @abstractmethod
+    def transaction(self, *, write: bool = False) -> AbstractContextManager[Txn]:
+        """A transaction; a write one commits when the block ends without an exception."""
+
+    def close(self) -> None:
+        """Release the store. The default has nothing to release."""
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    def get_blob(self, digest: str) -> BlobRecord | None:
+        key = digest.encode()
+        with self.transaction() as txn:
+            value = txn.get("blobs", key)
+        return None if value is None else unpack_blob(key, value)
+
+    def add_blob(self, record: BlobRecord,
+                 guard: Callable[[Txn], None] | None = None) -> bool:
+        """Insert ``record`` unless the digest is present; then touch it and return False.
+
+        ``guard`` runs first inside the same transaction and may raise to refuse.
+        """
+        key = record.digest.encode()
+        with self.transaction(write=True) as txn:
+            if guard is not None:
+                guard(txn)
+            old = txn.get("blobs", key)
+            if old is None:
+                txn.put("blobs", key, pack_blob(record))
+                return True
+            txn.put("blobs", key, pack_blob(replace(unpack_blob(key, old), touched=record.touched)))
+            return False
+
+    def touch_blob(self, digest: str, when: float | None = None) -> bool:
+        key = digest.encode()
+        with self.transaction(write=True) as txn:
+            old = txn.get("blobs", key)
+            if old is None:
+                return False
+            touched = time.time() if when is None else when
+            txn.put("blobs", key, pack_blob(replace(unpack_blob(key, old), touched=touched)))
+            return True
+
+    def delete_blob(self, digest: str) -> bool:
+        with self.transaction(write=True) as txn:
+            return txn.delete("blobs", digest.encode())
+
+    def iter_blobs(self, start: str = "") -> Iterator[BlobRecord]:
+        """Records in digest order, from the first digest >= ``start``.
+
+        One short read transaction per batch, so a long walk never pins old pages.
+        """
+        key = start.encode()
+        skip_first = False
+        while True:
+            with self.transaction() as txn:
+                batch = []
+                for k, v in txn.scan("blobs", start=key):
+                    if skip_first and k == key:
+                        continue
+                    batch.append(unpack_blob(k, v))
+                    if len(batch) == 1000:
+                        break
+            yield from batch
+            if len(batch) < 1000:
+                return
+            key, skip_first = batch[-1].digest.encode(), True
+
+    def count_blobs(self) -> int:
+        with self.transaction() as txn:
+            return txn.count("blobs")
+
+    # -- upload sessions: JSON records; update_upload is their one read-modify-write -----
+
+    def get_upload(self, upload_id: str) -> dict | None:
+        with self.transaction() as txn:
+            value = txn.get("uploads", upload_id.encode())
+        return None if value is None else json.loads(value)
+
+    def update_upload(self, upload_id: str,
+                      change: Callable[[dict | None], dict | None]) -> dict | None:
+        """Atomically replace the record with ``change(old)``; None deletes it.
+
+        ``change`` runs inside the write transaction, so no other thread or process can
+        change the record in between; it may raise to leave the record as it was.
+        """
+        key = upload_id.encode()
+        with self.transaction(write=True) as txn:
+            old = txn.get("uploads", key)
+            new = change(None if old is None else json.loads(old))
+            if new is None:
+                txn.delete("uploads", key)
+            else:
+                txn.put("uploads", key, json.dumps(new, separators=(",", ":")).encode())
+            return new
+
+    def iter_uploads(self) -> Iterator[dict]:
+        with self.transaction() as txn:
+            values = [json.loads(v) for _, v in txn.scan("uploads")]
+        return iter(values)
+
+
+class _LmdbTxn:
+    __slots__ = ("_dbs", "_txn")
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database]) -> None:
+        self._txn = txn
+        self._dbs = dbs
+
+    def get(self, table: str, key: bytes) -> bytes | None:
+        return self._txn.get(key, db=self._dbs[table])
+
+    def put(self, table: str, key: bytes, value: bytes) -> None:
+        self._txn.put(key, value, db=self._dbs[table])
+
+    def delete(self, table: str, key: bytes) -> bool:
+        return self._txn.delete(key, db=self._dbs[table])
+
+    def scan(self, table: str, prefix: bytes = b"", start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        cur = self._txn.cursor(db=self._dbs[table])
+        if not cur.set_range(max(prefix, start)):
+            return
+        for k, v in cur:
+            if not k.startswith(prefix):
+                return
+            yield k, v
+
+    def count(self, table: str) -> int:
+        return self._txn.stat(self._dbs[table])["entries"]
 
 
 class LmdbIndex(Index):
@@ -116,94 +237,23 @@ class LmdbIndex(Index):
         try:
             os.makedirs(path, exist_ok=True)
             self.env = lmdb.open(
-                path, map_size=map_size, max_dbs=16, max_readers=1024, subdir=True,
+                path, map_size=map_size, max_dbs=len(TABLES) + 4, max_readers=1024,
+                subdir=True,
                 # a temporary index dies with the process: no point paying for fsync
                 sync=not temporary, metasync=not temporary,
             )
+            self._dbs = {name: self.env.open_db(name.encode()) for name in TABLES}
         except (OSError, lmdb.Error) as exc:
             raise ConfigError(f"cannot open the index at {path}: {exc}") from exc
-        self._blobs = self.env.open_db(b"blobs")
-        self._uploads = self.env.open_db(b"uploads")
 
     @classmethod
     def temporary(cls) -> LmdbIndex:
         return cls(tempfile.mkdtemp(prefix="casengine-index-"), temporary=True)
 
-    def get_blob(self, digest: str) -> BlobRecord | None:
-        key = digest.encode()
-        with self.env.begin(db=self._blobs) as txn:
-            value = txn.get(key)
-        return None if value is None else _unpack(key, value)
-
-    def add_blob(self, record: BlobRecord) -> bool:
-        key = record.digest.encode()
-        with self.env.begin(db=self._blobs, write=True) as txn:
-            old = txn.get(key)
-            if old is None:
-                txn.put(key, _pack(record))
-                return True
-            txn.put(key, _pack(replace(_unpack(key, old), touched=record.touched)))
-            return False
-
-    def touch_blob(self, digest: str, when: float | None = None) -> bool:
-        key = digest.encode()
-        with self.env.begin(db=self._blobs, write=True) as txn:
-            old = txn.get(key)
-            if old is None:
-                return False
-            txn.put(key, _pack(replace(_unpack(key, old), touched=time.time() if when is None else when)))
-            return True
-
-    def delete_blob(self, digest: str) -> bool:
-        with self.env.begin(db=self._blobs, write=True) as txn:
-            return txn.delete(digest.encode())
-
-    def iter_blobs(self, start: str = "") -> Iterator[BlobRecord]:
-        # One short read transaction per batch, so a long walk never pins old pages.
-        key = start.encode()
-        first = True
-        while True:
-            batch: list[BlobRecord] = []
-            with self.env.begin(db=self._blobs) as txn:
-                cur = txn.cursor()
-                if not cur.set_range(key):
-                    break
-                if not first and cur.key() == key and not cur.next():
-                    break
-                for k, v in cur:
-                    batch.append(_unpack(k, v))
-                    if len(batch) == 1000:
-                        break
-            if not batch:
-                break
-            yield from batch
-            key = batch[-1].digest.encode()
-            first = False
-
-    def count_blobs(self) -> int:
-        with self.env.begin(db=self._blobs) as txn:
-            return txn.stat(self._blobs)["entries"]
-
-    def get_upload(self, upload_id: str) -> dict | None:
-        with self.env.begin(db=self._uploads) as txn:
-            value = txn.get(upload_id.encode())
-        return None if value is None else json.loads(value)
-
-    def update_upload(self, upload_id: str, change: Callable[[dict | None], dict | None]) -> dict | None:
-        key = upload_id.encode()
-        with self.env.begin(db=self._uploads, write=True) as txn:
-            old = txn.get(key)
-            new = change(None if old is None else json.loads(old))
-            if new is None:
-                txn.delete(key)
-            else:
-                txn.put(key, json.dumps(new, separators=(",", ":")).encode())
-            return new
-
-    def iter_uploads(self) -> Iterator[dict]:
-        with self.env.begin(db=self._uploads) as txn:
-            values = [json.loads(v) for _, v in txn.cursor()]
-        return iter(values)
+    @contextlib.contextmanager
+    def transaction(self, *, write: bool = False) -> Iterator[Txn]:
+        with self.env.begin(write=write) as txn:
+            yield _LmdbTxn(txn, self._dbs)
 
     def close(self) -> None:
         self.env.close()

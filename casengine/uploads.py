@@ -25,10 +25,8 @@ with a warning in the log.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import secrets
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,6 +44,7 @@ from casengine.errors import (
 )
 from casengine.ingest import POOL, BufferPool, Source, WritePipeline, open_source
 from casengine.layout import UPLOADS, upload_key
+from casengine.leases import is_live, new_lease
 
 if TYPE_CHECKING:
     from casengine.engine import Engine, IngestResult
@@ -54,10 +53,7 @@ log = logging.getLogger(__name__)
 
 #: Sessions idle longer than this are swept by :meth:`Uploads.purge` by default.
 DEFAULT_TTL = 24 * 3600.0
-#: A lease older than this is stale even if its pid is alive (the pid may be reused).
-LEASE_MAX = 3600.0
 _ID = re.compile(r"[a-f0-9]{32}")
-_HOST = socket.gethostname()
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,20 +75,6 @@ class PurgeReport:
     sessions: list[UploadStatus]
     bytes: int
     dry_run: bool
-
-
-def _lease_live(lease: dict | None, now: float) -> bool:
-    if not lease or now - lease["since"] > LEASE_MAX:
-        return False
-    if lease["host"] != _HOST or lease["pid"] == os.getpid():
-        return True
-    try:
-        os.kill(lease["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Uploads:
@@ -125,20 +107,18 @@ class Uploads:
         return upload_id
 
     def _claim(self, upload_id: str, offset: int | None) -> tuple[dict, str]:
-        token = secrets.token_hex(8)
+        lease = new_lease()
 
         def claim(rec: dict) -> dict:
-            now = time.time()
             if offset is not None and offset != rec["offset"]:
                 raise OffsetMismatch(upload_id, offset, rec["offset"])
-            if _lease_live(rec.get("lease"), now):
+            if is_live(rec.get("lease")):
                 raise Conflict(f"upload {upload_id} is busy with another request; retry")
-            return {**rec, "lease": {"pid": os.getpid(), "host": _HOST, "token": token,
-                                     "since": now}}
+            return {**rec, "lease": lease}
 
         rec = self._change(upload_id, claim)
         assert rec is not None
-        return rec, token
+        return rec, lease["token"]
 
     def _release(self, upload_id: str, token: str, **updates: object) -> dict | None:
         def release(rec: dict) -> dict:
@@ -271,7 +251,7 @@ class Uploads:
         swept: list[UploadStatus] = []
         reclaimed = 0
         for rec in self.engine.index.iter_uploads():
-            if rec["updated"] > cutoff or _lease_live(rec.get("lease"), time.time()):
+            if rec["updated"] > cutoff or is_live(rec.get("lease"), time.time()):
                 continue
             if not dry_run:
                 try:
