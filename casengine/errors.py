@@ -63,6 +63,46 @@ class BlobNotFound(NotFound):
         self.digest = digest
 
 
+class InvalidName(InvalidInput):
+    """A repository name or tag outside the OCI grammar."""
+
+
+class ManifestInvalid(InvalidInput):
+    """A manifest that is malformed, inconsistent, or of a refused kind."""
+
+
+class ManifestTooLarge(ManifestInvalid):
+    pass
+
+
+class ManifestBlobUnknown(ManifestInvalid):
+    """A manifest refers to a blob or child manifest that is not in the repository."""
+
+    def __init__(self, repository: str, digest: object, what: str = "blob") -> None:
+        super().__init__(f"manifest refers to {what} {digest}, which is not in {repository}")
+        self.digest = digest
+
+
+class RepositoryNotFound(NotFound):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"repository {name!r} not found")
+        self.name = name
+
+
+class ManifestNotFound(NotFound):
+    def __init__(self, repository: str, reference: str) -> None:
+        super().__init__(f"manifest {repository}:{reference} not found"
+                         if ":" not in reference else f"manifest {repository}@{reference} not found")
+        self.repository = repository
+        self.reference = reference
+
+
+class QuotaExceeded(CASError):
+    """The change would take a namespace over its quota; nothing was stored."""
+
+    exit_code = 10
+
+
 class UploadNotFound(NotFound):
     def __init__(self, upload_id: object) -> None:
         shown = repr(upload_id)[:80]

@@ -11,6 +11,12 @@ blob's key names its digest and the codec its bytes are stored in::
     |   |       +-- 3fa9...c2.zst            or: seekable zstd frames of those bytes
     |   +-- sha512/
     |       +-- ...
+    +-- repositories/
+    |   +-- team/project/app/                the repository's name, as it is
+    |       +-- _repo                        JSON: created at
+    |       +-- _links/sha256/3fa9...c2      empty: the blob is readable here
+    |       +-- _manifests/sha256/77e0...1d  empty: a manifest of this repository
+    |       +-- _tags/v1.2                   the digest the tag points at
     +-- uploads/
     |   +-- 9c1e...(32 hex)/                 one chunked upload session's staged bytes
     |       +-- data                         local: one file, appended in place
@@ -32,6 +38,7 @@ from casengine.digest import ALGORITHMS, Digest
 
 BLOBS = "blobs/"
 UPLOADS = "uploads/"
+REPOSITORIES = "repositories/"
 
 #: Stored codecs and their key suffix.
 RAW = "raw"
@@ -49,6 +56,24 @@ def blob_key(digest: Digest, codec: str = RAW) -> str:
 def upload_key(upload_id: str) -> str:
     """The prefix under which an upload session's bytes are staged."""
     return f"{UPLOADS}{upload_id}"
+
+
+def repo_key(repository: str, *parts: str) -> str:
+    """A repository's record keys. Names are validated OCI names, safe as key parts; no
+    name component can start with '_', so ``_tags`` and friends never clash with one."""
+    return "/".join((REPOSITORIES + repository, *parts))
+
+
+def link_key(repository: str, digest: Digest) -> str:
+    return repo_key(repository, "_links", digest.algorithm, digest.hex)
+
+
+def manifest_key(repository: str, digest: Digest) -> str:
+    return repo_key(repository, "_manifests", digest.algorithm, digest.hex)
+
+
+def tag_key(repository: str, tag: str) -> str:
+    return repo_key(repository, "_tags", tag)
 
 
 def parse_blob_key(key: str) -> tuple[Digest, str] | None:

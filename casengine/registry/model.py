@@ -1,0 +1,450 @@
+"""Repositories, blob links, manifests, tags and referrers over the blob store.
+
+Blobs live once in the engine's global store; a repository holds *links* to them, so a
+cross-repository mount is a link, never a copy, and a blob is readable through a
+repository only if it is linked there. Manifests are blobs too (their exact bytes), linked
+in their repository and described by a record of what they refer to.
+
+Every change is written to the backend first, as a small object under ``repositories/``
+(see :mod:`casengine.layout`), and then to the index in one transaction; so the index can
+be rebuilt from the backend alone, and a crash in between leaves the backend ahead of the
+index, never behind it.
+
+Usage is kept as it changes: per repository, a reference count per blob (from the
+repository's manifests and the manifests themselves) and the sum of the sizes of the blobs
+whose count is above zero, its *logical* size. Blobs that were pushed but never referenced
+by a manifest are not charged (see :mod:`casengine.registry.usage`).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from casengine.digest import Digest, parse_digest
+from casengine.errors import (
+    BlobNotFound,
+    DigestMismatch,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestNotFound,
+    RepositoryNotFound,
+    UploadNotFound,
+)
+from casengine.index import Txn
+from casengine.layout import link_key, manifest_key, repo_key, tag_key
+from casengine.registry.manifests import DEFAULT_MAX_SIZE, Manifest, parse_manifest
+from casengine.registry.names import check_name, check_tag, is_digest
+
+if TYPE_CHECKING:
+    from casengine.backend import Backend
+    from casengine.engine import Engine, IngestResult
+    from casengine.index import BlobRecord, Index
+    from casengine.ingest import Source
+    from casengine.uploads import UploadStatus
+
+_REF = struct.Struct("<IQ")  # reference count, blob size
+
+
+def _k(repo: str, *parts: str) -> bytes:
+    return "\0".join((repo, *parts)).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRecord:
+    repository: str
+    digest: str
+    media_type: str
+    size: int
+    refs: tuple[str, ...]  #: digests this manifest keeps: config, layers, children
+    subject: str | None = None
+    artifact_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[str]
+    #: the value to pass as ``last`` for the next page, or None when this was the last page
+    next_last: str | None
+
+
+def paginate(keys: Iterator[str], n: int | None, last: str | None) -> Page:
+    """Lexical pagination as the distribution spec defines it: items after ``last``."""
+    items: list[str] = []
+    for key in keys:
+        if last is not None and key <= last:
+            continue
+        if n is not None and len(items) == n:
+            return Page(items, items[-1] if items else None)
+        items.append(key)
+    return Page(items, None)
+
+
+class Registry:
+    """The registry model over one engine; thread- and process-safe like the engine."""
+
+    def __init__(self, engine: Engine, *, create_on_push: bool = True,
+                 max_manifest_size: int = DEFAULT_MAX_SIZE) -> None:
+        from casengine.registry.usage import Quotas
+
+        self.engine = engine
+        self.create_on_push = create_on_push
+        self.max_manifest_size = max_manifest_size
+        self.quotas = Quotas(self)
+
+    @property
+    def index(self) -> Index:
+        return self.engine.index
+
+    @property
+    def backend(self) -> Backend:
+        return self.engine.backend
+
+    # -- repositories -----------------------------------------------------------------------
+
+    def create_repository(self, name: str) -> bool:
+        """Create ``name``; return False if it already existed."""
+        check_name(name)
+        if self.repository_exists(name):
+            return False
+        record = {"created": time.time(), "logical": 0}
+        self.backend.put(repo_key(name, "_repo"), json.dumps({"created": record["created"]})
+                         .encode(), exclusive=True)
+        with self.index.transaction(write=True) as txn:
+            if txn.get("repos", name.encode()) is not None:
+                return False
+            txn.put("repos", name.encode(), json.dumps(record).encode())
+        return True
+
+    def repository_exists(self, name: str) -> bool:
+        with self.index.transaction() as txn:
+            return txn.get("repos", check_name(name).encode()) is not None
+
+    def repository(self, name: str) -> dict[str, Any]:
+        with self.index.transaction() as txn:
+            value = txn.get("repos", check_name(name).encode())
+        if value is None:
+            raise RepositoryNotFound(name)
+        return {"name": name, **json.loads(value)}
+
+    def _for_push(self, name: str) -> None:
+        check_name(name)
+        if not self.repository_exists(name):
+            if not self.create_on_push:
+                raise RepositoryNotFound(name)
+            self.create_repository(name)
+
+    def _for_read(self, name: str) -> None:
+        if not self.repository_exists(name):
+            raise RepositoryNotFound(name)
+
+    def repositories(self, prefix: str = "") -> Iterator[str]:
+        with self.index.transaction() as txn:
+            names = [k.decode() for k, _ in txn.scan("repos", prefix.encode())]
+        return iter(names)
+
+    def catalog(self, n: int | None = None, last: str | None = None) -> Page:
+        return paginate(self.repositories(), n, last)
+
+    def delete_repository(self, name: str) -> None:
+        """Remove the repository, its tags, manifests and links. Blobs stay for GC."""
+        self._for_read(name)
+        for tag in list(self.tags(name).items):
+            self.delete_tag(name, tag)
+        with self.index.transaction() as txn:
+            manifests = [k.split(b"\0", 1)[1].decode() for k, _ in txn.scan("manifests", _k(name, ""))]
+        for digest in manifests:
+            self.delete_manifest(name, digest)
+        with self.index.transaction(write=True) as txn:
+            for table in ("links", "refs"):
+                for k, _ in list(txn.scan(table, _k(name, ""))):
+                    txn.delete(table, k)
+            txn.delete("repos", name.encode())
+        for key in list(self.backend.list(repo_key(name, ""))):
+            self.backend.delete(key)
+
+    # -- blobs in repositories --------------------------------------------------------------
+
+    def link(self, repo: str, digest: str | Digest) -> None:
+        d = parse_digest(digest)
+        self.backend.put(link_key(repo, d), b"")
+        with self.index.transaction(write=True) as txn:
+            txn.put("links", _k(repo, str(d)), b"")
+
+    def is_linked(self, repo: str, digest: str | Digest) -> bool:
+        with self.index.transaction() as txn:
+            return txn.get("links", _k(repo, str(parse_digest(digest)))) is not None
+
+    def stat_blob(self, repo: str, digest: str | Digest) -> BlobRecord:
+        d = parse_digest(digest)
+        self._for_read(check_name(repo))
+        if not self.is_linked(repo, d):
+            raise BlobNotFound(d)
+        return self.engine.stat(d)
+
+    def read_blob(self, repo: str, digest: str | Digest, start: int = 0,
+                  length: int | None = None) -> Iterator[bytes]:
+        self.stat_blob(repo, digest)
+        return self.engine.read(digest, start, length)
+
+    def unlink(self, repo: str, digest: str | Digest) -> bool:
+        """Remove the blob from ``repo`` (the bytes stay for GC); False if it was not there."""
+        d = parse_digest(digest)
+        self._for_read(check_name(repo))
+        with self.index.transaction(write=True) as txn:
+            existed = txn.delete("links", _k(repo, str(d)))
+        self.backend.delete(link_key(repo, d))
+        return existed
+
+    def ingest_blob(self, repo: str, source: Source, *, digest: str | Digest | None = None,
+                    size: int | None = None) -> IngestResult:
+        """Store a blob and link it in ``repo`` (a monolithic push)."""
+        check_name(repo)
+        if size is not None:
+            self.quotas.check_blob(repo, size)
+        self._for_push(repo)
+        result = self.engine.ingest(source, digest=digest, size=size)
+        self._charge_or_undo(repo, result)
+        self.link(repo, result.digest)
+        return result
+
+    def _charge_or_undo(self, repo: str, result: IngestResult) -> None:
+        try:
+            self.quotas.check_blob(repo, result.size)
+        except BaseException:
+            if result.created:
+                self.engine.delete(result.digest)
+            raise
+
+    def mount(self, repo: str, digest: str | Digest, from_repo: str | None = None,
+              readable: Callable[[str], bool] | None = None) -> bool:
+        """Link a blob that ``from_repo`` (or, if None, any readable repository) holds.
+
+        ``readable`` says which repositories the caller may read; None means all. Returns
+        False when no such repository has the blob: the caller then falls back to an upload.
+        """
+        d = parse_digest(digest)
+        self._for_push(repo)
+        if from_repo is not None:
+            sources = [check_name(from_repo)]
+        else:
+            sources = [r for r in self.repositories() if r != repo]
+        for source in sources:
+            if (readable is None or readable(source)) and self.is_linked(source, d):
+                record = self.engine.stat(d)
+                self.quotas.check_blob(repo, record.size)
+                self.link(repo, d)
+                return True
+        return False
+
+    # -- upload sessions bound to a repository ----------------------------------------------
+
+    def start_upload(self, repo: str) -> UploadStatus:
+        self._for_push(repo)
+        return self.engine.uploads.start(repo)
+
+    def upload_status(self, repo: str, upload_id: str) -> UploadStatus:
+        status = self.engine.uploads.status(upload_id)
+        if status.repository != repo:
+            raise UploadNotFound(upload_id)
+        return status
+
+    def append_upload(self, repo: str, upload_id: str, source: Source, offset: int, *,
+                      length: int | None = None) -> UploadStatus:
+        self.upload_status(repo, upload_id)
+        return self.engine.uploads.append(upload_id, source, offset, length=length)
+
+    def commit_upload(self, repo: str, upload_id: str, digest: str | Digest, *,
+                      last: Source | None = None, size: int | None = None) -> IngestResult:
+        status = self.upload_status(repo, upload_id)
+        self.quotas.check_blob(repo, status.offset)
+        result = self.engine.uploads.commit(upload_id, digest, last=last, size=size)
+        self._charge_or_undo(repo, result)
+        self.link(repo, result.digest)
+        return result
+
+    def cancel_upload(self, repo: str, upload_id: str) -> None:
+        self.upload_status(repo, upload_id)
+        self.engine.uploads.cancel(upload_id)
+
+    # -- manifests and tags -----------------------------------------------------------------
+
+    def put_manifest(self, repo: str, reference: str, data: bytes,
+                     content_type: str | None = None) -> Manifest:
+        """Validate and store a manifest, by tag or by digest; return what it says."""
+        check_name(repo)
+        manifest = parse_manifest(data, content_type, max_size=self.max_manifest_size)
+        tag = None
+        if is_digest(reference):
+            if parse_digest(reference) != manifest.digest:
+                raise DigestMismatch(reference, manifest.digest)
+        else:
+            tag = check_tag(reference)
+        self._for_push(repo)
+        self._check_references(repo, manifest)
+        refs = tuple(dict.fromkeys(str(d.digest) for d in (*manifest.blobs, *manifest.children)
+                                   if self.is_linked(repo, d.digest)))
+        sizes = {str(manifest.digest): manifest.size}
+        for d in (*manifest.blobs, *manifest.children):
+            sizes.setdefault(str(d.digest), d.size)
+        self.quotas.check_manifest(repo, [str(manifest.digest), *refs], sizes)
+        self.engine.ingest(data, digest=manifest.digest)
+        self.backend.put(link_key(repo, manifest.digest), b"")
+        self.backend.put(manifest_key(repo, manifest.digest), b"")
+        if tag is not None:
+            self.backend.put(tag_key(repo, tag), str(manifest.digest).encode())
+        record = ManifestRecord(repo, str(manifest.digest), manifest.media_type, manifest.size,
+                                refs, str(manifest.subject.digest) if manifest.subject else None,
+                                manifest.artifact_type)
+        with self.index.transaction(write=True) as txn:
+            self._record_manifest(txn, record, manifest, sizes)
+            if tag is not None:
+                txn.put("tags", _k(repo, tag), str(manifest.digest).encode())
+        return manifest
+
+    def _check_references(self, repo: str, manifest: Manifest) -> None:
+        for blob in manifest.blobs:
+            if blob.foreign and not self.is_linked(repo, blob.digest):
+                continue
+            if not self.is_linked(repo, blob.digest):
+                raise ManifestBlobUnknown(repo, blob.digest)
+            stored = self.engine.stat(blob.digest).size
+            if stored != blob.size:
+                raise ManifestInvalid(
+                    f"descriptor of {blob.digest} says {blob.size} bytes, the blob has {stored}")
+        for child in manifest.children:
+            if self._manifest_record(repo, str(child.digest)) is None:
+                raise ManifestBlobUnknown(repo, child.digest, "manifest")
+
+    def _record_manifest(self, txn: Txn, record: ManifestRecord, manifest: Manifest,
+                         sizes: dict[str, int]) -> None:
+        repo, key = record.repository, _k(record.repository, record.digest)
+        for ref in record.refs:  # again, inside the transaction: an unlink may have raced
+            if txn.get("links", _k(repo, ref)) is None:
+                raise ManifestBlobUnknown(repo, ref)
+        txn.put("links", key, b"")
+        if txn.get("manifests", key) is not None:
+            return  # the same bytes again: nothing new is referenced
+        txn.put("manifests", key, json.dumps(_record_json(record)).encode())
+        added = 0
+        for digest in (record.digest, *record.refs):
+            rk = _k(repo, digest)
+            old = txn.get("refs", rk)
+            count, size = _REF.unpack(old) if old else (0, sizes[digest])
+            if count == 0:
+                added += size
+            txn.put("refs", rk, _REF.pack(count + 1, size))
+        if record.subject is not None:
+            txn.put("referrers", _k(repo, record.subject, record.digest),
+                    json.dumps(manifest.referrer_descriptor()).encode())
+        self._add_logical(txn, repo, added)
+
+    @staticmethod
+    def _add_logical(txn: Txn, repo: str, delta: int) -> None:
+        info = json.loads(txn.get("repos", repo.encode()) or b'{"created": 0, "logical": 0}')
+        info["logical"] = info.get("logical", 0) + delta
+        txn.put("repos", repo.encode(), json.dumps(info).encode())
+
+    def _manifest_record(self, repo: str, digest: str) -> ManifestRecord | None:
+        with self.index.transaction() as txn:
+            value = txn.get("manifests", _k(repo, digest))
+        return None if value is None else _record_from(repo, digest, json.loads(value))
+
+    def resolve(self, repo: str, reference: str) -> ManifestRecord:
+        """The manifest a tag or digest names in ``repo``."""
+        self._for_read(check_name(repo))
+        if is_digest(reference):
+            digest = str(parse_digest(reference))
+        else:
+            with self.index.transaction() as txn:
+                value = txn.get("tags", _k(repo, check_tag(reference)))
+            if value is None:
+                raise ManifestNotFound(repo, reference)
+            digest = value.decode()
+        record = self._manifest_record(repo, digest)
+        if record is None:
+            raise ManifestNotFound(repo, reference)
+        return record
+
+    def get_manifest(self, repo: str, reference: str) -> tuple[bytes, ManifestRecord]:
+        record = self.resolve(repo, reference)
+        return self.engine.read_bytes(record.digest), record
+
+    def delete_manifest(self, repo: str, digest: str | Digest) -> None:
+        """Delete a manifest by digest, with the tags that point at it."""
+        d = str(parse_digest(digest))
+        record = self.resolve(repo, d)
+        with self.index.transaction() as txn:
+            tags = [k.split(b"\0", 1)[1].decode() for k, v in txn.scan("tags", _k(repo, ""))
+                    if v.decode() == d]
+        for tag in tags:
+            self.delete_tag(repo, tag)
+        with self.index.transaction(write=True) as txn:
+            if not txn.delete("manifests", _k(repo, d)):
+                return
+            removed = 0
+            for ref in (d, *record.refs):
+                old = txn.get("refs", _k(repo, ref))
+                if old is None:
+                    continue
+                count, size = _REF.unpack(old)
+                if count <= 1:
+                    txn.delete("refs", _k(repo, ref))
+                    removed += size
+                else:
+                    txn.put("refs", _k(repo, ref), _REF.pack(count - 1, size))
+            if record.subject is not None:
+                txn.delete("referrers", _k(repo, record.subject, d))
+            self._add_logical(txn, repo, -removed)
+        self.backend.delete(manifest_key(repo, parse_digest(d)))
+
+    def delete_tag(self, repo: str, tag: str) -> None:
+        self._for_read(check_name(repo))
+        with self.index.transaction(write=True) as txn:
+            if not txn.delete("tags", _k(repo, check_tag(tag))):
+                raise ManifestNotFound(repo, tag)
+        self.backend.delete(tag_key(repo, tag))
+
+    def tags(self, repo: str, n: int | None = None, last: str | None = None) -> Page:
+        self._for_read(check_name(repo))
+        with self.index.transaction() as txn:
+            names = [k.split(b"\0", 1)[1].decode() for k, _ in txn.scan("tags", _k(repo, ""))]
+        return paginate(iter(names), n, last)
+
+    def tag_map(self, repo: str) -> dict[str, str]:
+        """Every tag of ``repo`` and the digest it points at."""
+        self._for_read(check_name(repo))
+        with self.index.transaction() as txn:
+            return {k.split(b"\0", 1)[1].decode(): v.decode()
+                    for k, v in txn.scan("tags", _k(repo, ""))}
+
+    def manifests(self, repo: str) -> list[ManifestRecord]:
+        self._for_read(check_name(repo))
+        with self.index.transaction() as txn:
+            return [_record_from(repo, k.split(b"\0", 1)[1].decode(), json.loads(v))
+                    for k, v in txn.scan("manifests", _k(repo, ""))]
+
+    def referrers(self, repo: str, subject: str | Digest,
+                  artifact_type: str | None = None) -> list[dict[str, Any]]:
+        """Descriptors of the manifests in ``repo`` whose subject is ``subject``."""
+        self._for_read(check_name(repo))
+        with self.index.transaction() as txn:
+            found = [json.loads(v) for _, v in
+                     txn.scan("referrers", _k(repo, str(parse_digest(subject)), ""))]
+        if artifact_type is not None:
+            found = [d for d in found if d.get("artifactType") == artifact_type]
+        return found
+
+
+def _record_json(r: ManifestRecord) -> dict[str, Any]:
+    return {"mediaType": r.media_type, "size": r.size, "refs": list(r.refs),
+            "subject": r.subject, "artifactType": r.artifact_type}
+
+
+def _record_from(repo: str, digest: str, obj: dict[str, Any]) -> ManifestRecord:
+    return ManifestRecord(repo, digest, obj["mediaType"], obj["size"], tuple(obj["refs"]),
+                          obj.get("subject"), obj.get("artifactType"))
