@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
-from casengine.backend import Backend, open_backend
+from casengine.backend import READ_CHUNK, Backend, open_backend
 from casengine.digest import DEFAULT_ALGORITHM, Digest, Hasher, parse_digest
 from casengine.errors import (
     BackendError,
@@ -257,7 +257,8 @@ class Engine:
     def exists(self, digest: str | Digest) -> bool:
         return self.index.get_blob(str(parse_digest(digest))) is not None
 
-    def read(self, digest: str | Digest, start: int = 0, length: int | None = None) -> Iterator[bytes]:
+    def read(self, digest: str | Digest, start: int = 0, length: int | None = None, *,
+             chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
         """Stream the logical bytes ``[start, start+length)``; the whole blob by default."""
         record = self.stat(digest)
         if start < 0 or start > record.size or (length is not None and length < 0):
@@ -266,7 +267,7 @@ class Engine:
             )
         key = blob_key(parse_digest(record.digest), record.codec)
         try:
-            return self.backend.read(key, start, length)
+            return self.backend.read(key, start, length, chunk_size=chunk_size)
         except NotFound as exc:
             raise BackendError(
                 f"blob {record.digest} is indexed but its object {key} is missing: "

@@ -165,9 +165,12 @@ class Index(ABC):
                 return
             key, skip_first = batch[-1].digest.encode(), True
 
-    def count_blobs(self) -> int:
+    def count(self, table: str) -> int:
         with self.transaction() as txn:
-            return txn.count("blobs")
+            return txn.count(table)
+
+    def count_blobs(self) -> int:
+        return self.count("blobs")
 
     # -- upload sessions: JSON records; update_upload is their one read-modify-write -----
 

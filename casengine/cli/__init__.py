@@ -14,6 +14,7 @@ import click
 from casengine.cli.blob import blob
 from casengine.cli.common import Settings, run_guarded
 from casengine.cli.registry import manifest, quota, repo, tag, usage
+from casengine.cli.serve import serve
 from casengine.cli.uploads import uploads
 
 
@@ -36,7 +37,7 @@ def cli(ctx: click.Context, root: str, index: str | None, storage_options: tuple
 
 cli.add_command(blob)
 cli.add_command(uploads)
-for command in (repo, tag, manifest, usage, quota):
+for command in (repo, tag, manifest, usage, quota, serve):
     cli.add_command(command)
 
 

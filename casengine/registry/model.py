@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from casengine.backend import READ_CHUNK
 from casengine.digest import Digest, parse_digest
 from casengine.errors import (
     BlobNotFound,
@@ -187,9 +188,9 @@ class Registry:
         return self.engine.stat(d)
 
     def read_blob(self, repo: str, digest: str | Digest, start: int = 0,
-                  length: int | None = None) -> Iterator[bytes]:
+                  length: int | None = None, *, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
         self.stat_blob(repo, digest)
-        return self.engine.read(digest, start, length)
+        return self.engine.read(digest, start, length, chunk_size=chunk_size)
 
     def unlink(self, repo: str, digest: str | Digest) -> bool:
         """Remove the blob from ``repo`` (the bytes stay for GC); False if it was not there."""

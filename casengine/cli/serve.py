@@ -1,0 +1,70 @@
+"""``casengine serve``: the OCI registry over HTTP, on uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+import click
+
+from casengine.cli.common import Settings
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Worker processes; they share the root and its index.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key.")
+@click.option("--redirect", is_flag=True,
+              help="Answer blob GETs with a 307 to a presigned URL where the backend can (S3).")
+@click.option("--auth", "auth_file", type=click.Path(dir_okay=False),
+              help="Credentials file (see 'casengine auth'); without it there is no auth.")
+@click.option("--insecure", is_flag=True,
+              help="Allow serving without --auth on an address other than loopback.")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str | None,
+          tls_key: str | None, redirect: bool, auth_file: str | None, insecure: bool,
+          log_level: str) -> None:
+    """Serve the store as an OCI Distribution (Docker Registry v2) registry."""
+    try:
+        import uvicorn
+    except ImportError as exc:
+        from casengine.errors import MissingExtra
+
+        raise MissingExtra("casengine serve needs the 'server' extra: "
+                           "pip install 'casengine[server]'") from exc
+    from casengine.errors import ConfigError
+    from casengine.http.server import ENV, ServeSettings, build_app
+
+    if not auth_file and not insecure and not _is_loopback(host):
+        raise ConfigError(f"refusing to serve {host} without --auth: anyone who can reach it "
+                          "could read and write everything. Use --auth FILE, bind 127.0.0.1, "
+                          "or pass --insecure if something in front of it authenticates")
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    s: Settings = ctx.find_object(Settings)
+    settings = ServeSettings(s.root, s.index, s.storage_options, redirect, auth_file)
+    tls = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key} if tls_cert else {}
+    common = {"host": host, "port": port, "log_level": log_level, "access_log": False,
+              "lifespan": "on", "timeout_keep_alive": 30, **tls}
+    if workers == 1:
+        app = build_app(settings)  # open the store now: a bad root fails before binding
+        uvicorn.run(app, **common)
+    else:
+        build_app(settings).registry.engine.close()  # fail early here too
+        os.environ[ENV] = settings.to_env()
+        uvicorn.run("casengine.http.server:app_from_env", factory=True, workers=workers,
+                    **common)

@@ -1,0 +1,441 @@
+"""The OCI Distribution v2 adapter: routing, authorization, headers and error mapping.
+
+It is thin on purpose: every route maps HTTP onto one call of the registry model
+(:mod:`casengine.registry`), run in a worker thread; there is no hashing, codec or storage
+logic here. Every request passes :meth:`RegistryApp.authorize` before its handler runs,
+the one place where access is decided.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from casengine.backend import Presigner
+from casengine.digest import Digest
+from casengine.errors import BlobNotFound, InvalidDigest
+from casengine.http.asgi import (
+    ClientGone,
+    HTTPError,
+    Receive,
+    Request,
+    Scope,
+    Send,
+    blocking,
+    respond,
+    respond_json,
+)
+from casengine.http.errors import to_http
+from casengine.http.metrics import Metrics
+from casengine.http.ranges import parse_content_range, parse_range
+from casengine.layout import blob_key
+from casengine.registry.manifests import INDEX_TYPES, OCI_INDEX
+from casengine.registry.names import check_name, is_digest
+
+if TYPE_CHECKING:
+    from casengine.registry import Registry
+
+log = logging.getLogger("casengine.http")
+
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+#: Chunk size for streaming blobs out: big enough that a thread hop per chunk is noise.
+SEND_CHUNK = 4 << 20
+
+
+class Authorizer(Protocol):
+    """Decides who may do what (see :mod:`casengine.http.auth`)."""
+
+    async def authorize(self, request: Request, repository: str | None,
+                        actions: frozenset[str]) -> Any:
+        """Return the caller's identity, or raise HTTPError 401/403."""
+        ...
+
+    def can_read(self, identity: Any, repository: str) -> bool: ...
+
+
+class AllowAll:
+    """No authentication: for loopback use only (``casengine serve`` enforces that)."""
+
+    async def authorize(self, request: Request, repository: str | None,
+                        actions: frozenset[str]) -> Any:
+        return None
+
+    def can_read(self, identity: Any, repository: str) -> bool:
+        return True
+
+
+Handler = Callable[..., Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    pattern: re.Pattern[str]
+    #: method -> (handler attribute, actions needed on the repository)
+    methods: dict[str, tuple[str, frozenset[str]]]
+
+
+PULL, PUSH, DELETE = frozenset({"pull"}), frozenset({"push"}), frozenset({"delete"})
+_NAME = r"(?P<name>.+?)"
+ROUTES = [
+    Route("base", re.compile(r"/v2/?"), {"GET": ("base", frozenset())}),
+    Route("catalog", re.compile(r"/v2/_catalog"), {"GET": ("catalog", frozenset())}),
+    Route("uploads", re.compile(rf"/v2/{_NAME}/blobs/uploads/?(?P<upload>[^/]*)"), {
+        "POST": ("upload_start", PUSH), "PATCH": ("upload_patch", PUSH),
+        "PUT": ("upload_put", PUSH), "GET": ("upload_get", PUSH),
+        "DELETE": ("upload_delete", PUSH)}),
+    Route("blobs", re.compile(rf"/v2/{_NAME}/blobs/(?P<digest>[^/]+)"), {
+        "GET": ("blob_get", PULL), "HEAD": ("blob_get", PULL),
+        "DELETE": ("blob_delete", DELETE)}),
+    Route("manifests", re.compile(rf"/v2/{_NAME}/manifests/(?P<reference>[^/]+)"), {
+        "GET": ("manifest_get", PULL), "HEAD": ("manifest_get", PULL),
+        "PUT": ("manifest_put", PUSH), "DELETE": ("manifest_delete", DELETE)}),
+    Route("tags", re.compile(rf"/v2/{_NAME}/tags/list"), {"GET": ("tags", PULL)}),
+    Route("referrers", re.compile(rf"/v2/{_NAME}/referrers/(?P<digest>[^/]+)"), {
+        "GET": ("referrers", PULL)}),
+]
+
+
+def _digest(text: str) -> Digest:
+    return Digest.parse(text)
+
+
+def _page_args(request: Request) -> tuple[int | None, str | None]:
+    n = request.query.get("n")
+    if n is not None and (not n.isdigit() or len(n) > 9):
+        raise HTTPError(400, "UNSUPPORTED", f"invalid n {n!r}: want a whole number")
+    return (int(n) if n is not None else None), request.query.get("last")
+
+
+def _link(path: str, n: int | None, last: str) -> dict[str, str]:
+    from urllib.parse import urlencode
+
+    query = urlencode({**({"n": n} if n is not None else {}), "last": last})
+    return {"Link": f'<{path}?{query}>; rel="next"'}
+
+
+class RegistryApp:
+    """The ASGI application. ``registry`` is shared by every request of this process."""
+
+    def __init__(self, registry: Registry, *, auth: Authorizer | None = None,
+                 redirect: bool = False, on_close: Callable[[], None] | None = None) -> None:
+        self.registry = registry
+        self.auth: Authorizer = auth or AllowAll()
+        self.redirect = redirect
+        self.metrics = Metrics()
+        self._on_close = on_close
+
+    # -- the ASGI entry point ---------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        state = {"status": 0, "out": 0}
+
+        async def tracked(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message["headers"],
+                                      *((k.lower().encode(), v.encode()) for k, v in API_VERSION.items())]
+                state["status"] = message["status"]
+            else:
+                state["out"] += len(message.get("body", b""))
+            await send(message)
+
+        route_name = "other"
+        try:
+            route_name, handler, params = self._route(request)
+            identity = await self.auth.authorize(request, params.get("name"), params.pop("_actions"))
+            await handler(request, tracked, identity=identity, **params)
+        except ClientGone:
+            state["status"] = state["status"] or 499
+        except BaseException as exc:
+            error = to_http(exc)
+            if error.status >= 500 and not isinstance(exc, HTTPError):
+                log.error("%s %s failed", request.method, request.path, exc_info=exc)
+            if not isinstance(exc, Exception):
+                raise
+            if state["status"]:
+                return  # the response had started: all we can do is end the connection
+            await request.drain_quietly()
+            await respond(tracked, error.status, {"Content-Type": "application/json",
+                                                  **error.headers}, error.body(),
+                          head=request.method == "HEAD")
+        finally:
+            self.metrics.observe(route_name, request.method, state["status"], request.bytes_in,
+                                 state["out"])
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self._on_close is not None:
+                    self._on_close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _route(self, request: Request) -> tuple[str, Handler, dict[str, Any]]:
+        if request.path == "/healthz":
+            return "healthz", self.healthz, {"_actions": None}
+        if request.path == "/metrics":
+            return "metrics", self.metrics_page, {"_actions": None}
+        for route in ROUTES:
+            m = route.pattern.fullmatch(request.path)
+            if m is None:
+                continue
+            if request.method not in route.methods:
+                raise HTTPError(405, "UNSUPPORTED", f"{request.method} is not supported on "
+                                f"{route.name}", headers={"Allow": ", ".join(route.methods)})
+            attr, actions = route.methods[request.method]
+            params = {k: v for k, v in m.groupdict().items() if v is not None}
+            if "name" in params:
+                check_name(params["name"])
+            return route.name, getattr(self, attr), {**params, "_actions": actions}
+        raise HTTPError(404, "NAME_UNKNOWN", f"no route for {request.path}")
+
+    # -- base, health, metrics, catalog ---------------------------------------------------
+
+    async def base(self, request: Request, send: Send, identity: Any) -> None:
+        await respond_json(send, 200, {})
+
+    async def healthz(self, request: Request, send: Send, identity: Any) -> None:
+        await respond(send, 200, {"Content-Type": "text/plain"}, b"ok\n")
+
+    async def metrics_page(self, request: Request, send: Send, identity: Any) -> None:
+        open_uploads = await blocking(self.registry.index.count, "uploads")
+        await respond(send, 200, {"Content-Type": "text/plain; version=0.0.4"},
+                      self.metrics.render(open_uploads).encode())
+
+    async def catalog(self, request: Request, send: Send, identity: Any) -> None:
+        n, last = _page_args(request)
+
+        def visible() -> Iterator[str]:
+            return (r for r in self.registry.repositories() if self.auth.can_read(identity, r))
+
+        from casengine.registry.model import paginate
+
+        page = await blocking(lambda: paginate(visible(), n, last))
+        headers = _link("/v2/_catalog", n, page.next_last) if page.next_last else {}
+        await respond_json(send, 200, {"repositories": page.items}, headers)
+
+    # -- blobs --------------------------------------------------------------------------
+
+    async def blob_get(self, request: Request, send: Send, identity: Any, name: str,
+                       digest: str) -> None:
+        d = _digest(digest)
+        record = await blocking(self.registry.stat_blob, name, d)
+        head = request.method == "HEAD"
+        base = {"Docker-Content-Digest": str(d), "ETag": f'"{d}"', "Accept-Ranges": "bytes"}
+        ranges = parse_range(request.header("range"), record.size)
+        if not head and not ranges and self.redirect:
+            backend = self.registry.backend
+            if isinstance(backend, Presigner) and record.codec == "raw":
+                url = await blocking(backend.presign, blob_key(d, record.codec), 300)
+                await respond(send, 307, {**base, "Location": url})
+                return
+        if ranges is None:
+            headers = {**base, "Content-Type": "application/octet-stream",
+                       "Content-Length": str(record.size)}
+            await self._stream(send, 200, headers, [(0, record.size - 1)], name, d, head)
+        elif len(ranges) == 1:
+            start, end = ranges[0]
+            headers = {**base, "Content-Type": "application/octet-stream",
+                       "Content-Length": str(end - start + 1),
+                       "Content-Range": f"bytes {start}-{end}/{record.size}"}
+            await self._stream(send, 206, headers, ranges, name, d, head)
+        else:
+            boundary = secrets.token_hex(16)
+            parts = [(f"--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+                      f"Content-Range: bytes {s}-{e}/{record.size}\r\n\r\n").encode()
+                     for s, e in ranges]
+            tail = f"\r\n--{boundary}--\r\n".encode()
+            length = sum(len(p) + e - s + 1 for p, (s, e) in zip(parts, ranges, strict=True))
+            length += 2 * (len(ranges) - 1) + len(tail)
+            headers = {**base, "Content-Length": str(length),
+                       "Content-Type": f"multipart/byteranges; boundary={boundary}"}
+            await self._stream(send, 206, headers, ranges, name, d, head, parts, tail)
+
+    async def _stream(self, send: Send, status: int, headers: dict[str, str],
+                      ranges: list[tuple[int, int]], name: str, digest: Digest, head: bool,
+                      parts: list[bytes] | None = None, tail: bytes = b"") -> None:
+        if head:
+            await respond(send, status, headers, head=True)
+            return
+        # open every range before the status goes out: a missing object is still an error
+        streams = [await blocking(self.registry.read_blob, name, digest, s, e - s + 1,
+                                  chunk_size=SEND_CHUNK) for s, e in ranges]
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]})
+        for i, chunks in enumerate(streams):
+            if parts is not None:
+                await send({"type": "http.response.body",
+                            "body": (b"\r\n" if i else b"") + parts[i], "more_body": True})
+            while (chunk := await blocking(next, chunks, None)) is not None:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+    async def blob_delete(self, request: Request, send: Send, identity: Any, name: str,
+                          digest: str) -> None:
+        d = _digest(digest)
+        if not await blocking(self.registry.unlink, name, d):
+            raise BlobNotFound(d)
+        await respond(send, 202, {})
+
+    # -- uploads ------------------------------------------------------------------------
+
+    def _upload_headers(self, name: str, upload_id: str, offset: int) -> dict[str, str]:
+        return {"Location": f"/v2/{name}/blobs/uploads/{upload_id}",
+                "Range": f"0-{offset - 1 if offset else 0}", "Docker-Upload-UUID": upload_id}
+
+    async def _created(self, send: Send, name: str, digest: Digest) -> None:
+        await respond(send, 201, {"Location": f"/v2/{name}/blobs/{digest}",
+                                  "Docker-Content-Digest": str(digest)})
+
+    async def upload_start(self, request: Request, send: Send, identity: Any, name: str,
+                           upload: str) -> None:
+        if upload:
+            raise HTTPError(405, "UNSUPPORTED", "POST goes to /v2/<name>/blobs/uploads/")
+        mount, source = request.query.get("mount"), request.query.get("from")
+        if mount is not None:
+            d = _digest(mount)
+            if source is not None:
+                check_name(source)
+            if (source is None or self.auth.can_read(identity, source)) and await blocking(
+                    self.registry.mount, name, d, source,
+                    lambda r: self.auth.can_read(identity, r)):
+                await self._created(send, name, d)
+                return
+        digest = request.query.get("digest")
+        if digest is not None:
+            d = _digest(digest)
+            result = await blocking(self.registry.ingest_blob, name, request.body_chunks(),
+                                    digest=d, size=request.content_length)
+            await self._created(send, name, result.digest)
+            return
+        await request.drain()
+        status = await blocking(self.registry.start_upload, name)
+        headers = self._upload_headers(name, status.id, 0)
+        min_chunk = self.registry.engine.uploads.min_chunk
+        if min_chunk:
+            headers["OCI-Chunk-Min-Length"] = str(min_chunk)
+        await respond(send, 202, headers)
+
+    async def upload_get(self, request: Request, send: Send, identity: Any, name: str,
+                         upload: str) -> None:
+        status = await blocking(self.registry.upload_status, name, upload)
+        await respond(send, 204, self._upload_headers(name, upload, status.offset))
+
+    async def upload_patch(self, request: Request, send: Send, identity: Any, name: str,
+                           upload: str) -> None:
+        status = await blocking(self.registry.upload_status, name, upload)
+        length = request.content_length
+        offset = status.offset
+        content_range = request.header("content-range")
+        if content_range:
+            start, end = parse_content_range(content_range)
+            if start != status.offset:
+                raise HTTPError(416, "BLOB_UPLOAD_INVALID",
+                                f"chunk starts at {start}, the upload is at {status.offset}",
+                                headers=self._upload_headers(name, upload, status.offset))
+            if length is not None and length != end - start + 1:
+                raise HTTPError(400, "SIZE_INVALID", f"Content-Length {length} does not match "
+                                f"Content-Range {content_range}")
+            offset, length = start, end - start + 1
+        status = await blocking(self.registry.append_upload, name, upload, request.body_chunks(),
+                                offset, length=length)
+        await respond(send, 202, self._upload_headers(name, upload, status.offset))
+
+    async def upload_put(self, request: Request, send: Send, identity: Any, name: str,
+                         upload: str) -> None:
+        digest = request.query.get("digest")
+        if digest is None:
+            raise HTTPError(400, "DIGEST_INVALID", "a PUT that ends an upload needs ?digest=")
+        d = _digest(digest)
+        status = await blocking(self.registry.upload_status, name, upload)
+        length = request.content_length
+        has_body = bool(length) or "chunked" in (request.header("transfer-encoding") or "")
+        last = None
+        if has_body:
+            content_range = request.header("content-range")
+            if content_range:
+                start, _ = parse_content_range(content_range)
+                if start != status.offset:
+                    raise HTTPError(416, "BLOB_UPLOAD_INVALID",
+                                    f"chunk starts at {start}, the upload is at {status.offset}",
+                                    headers=self._upload_headers(name, upload, status.offset))
+            last = request.body_chunks()
+        result = await blocking(self.registry.commit_upload, name, upload, d, last=last)
+        await self._created(send, name, result.digest)
+
+    async def upload_delete(self, request: Request, send: Send, identity: Any, name: str,
+                            upload: str) -> None:
+        await blocking(self.registry.cancel_upload, name, upload)
+        await respond(send, 204, {})
+
+    # -- manifests, tags, referrers -----------------------------------------------------
+
+    async def manifest_get(self, request: Request, send: Send, identity: Any, name: str,
+                           reference: str) -> None:
+        head = request.method == "HEAD"
+        if head:
+            record = await blocking(self.registry.resolve, name, reference)
+            data = b""
+        else:
+            data, record = await blocking(self.registry.get_manifest, name, reference)
+        accept = request.header("accept") or ""
+        if (record.media_type in INDEX_TYPES and accept and "*/*" not in accept
+                and record.media_type not in accept):
+            raise HTTPError(404, "MANIFEST_UNKNOWN", f"{name}:{reference} is an index "
+                            f"({record.media_type}), which the Accept header does not allow")
+        headers = {"Content-Type": record.media_type, "Docker-Content-Digest": record.digest,
+                   "ETag": f'"{record.digest}"', "Content-Length": str(record.size)}
+        await respond(send, 200, headers, data, head=head)
+
+    async def manifest_put(self, request: Request, send: Send, identity: Any, name: str,
+                           reference: str) -> None:
+        limit = self.registry.max_manifest_size
+        if (request.content_length or 0) > limit:
+            raise HTTPError(413, "MANIFEST_INVALID", f"manifest over the {limit} byte limit")
+        data = await request.body(limit)
+        manifest = await blocking(self.registry.put_manifest, name, reference, data,
+                                  request.header("content-type"))
+        headers = {"Location": f"/v2/{name}/manifests/{manifest.digest}",
+                   "Docker-Content-Digest": str(manifest.digest)}
+        if manifest.subject is not None:
+            headers["OCI-Subject"] = str(manifest.subject.digest)
+        await respond(send, 201, headers)
+
+    async def manifest_delete(self, request: Request, send: Send, identity: Any, name: str,
+                              reference: str) -> None:
+        if is_digest(reference):
+            await blocking(self.registry.delete_manifest, name, _digest(reference))
+        else:
+            await blocking(self.registry.delete_tag, name, reference)
+        await respond(send, 202, {})
+
+    async def tags(self, request: Request, send: Send, identity: Any, name: str) -> None:
+        n, last = _page_args(request)
+        page = await blocking(self.registry.tags, name, n, last)
+        headers = _link(f"/v2/{name}/tags/list", n, page.next_last) if page.next_last else {}
+        await respond_json(send, 200, {"name": name, "tags": page.items}, headers)
+
+    async def referrers(self, request: Request, send: Send, identity: Any, name: str,
+                        digest: str) -> None:
+        try:
+            d = _digest(digest)
+        except InvalidDigest as exc:
+            raise HTTPError(400, "DIGEST_INVALID", str(exc)) from exc
+        artifact_type = request.query.get("artifactType")
+        found = await blocking(self.registry.referrers, name, d, artifact_type)
+        headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type else {}
+        await respond_json(send, 200, {"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                       "manifests": found}, headers, content_type=OCI_INDEX)

@@ -1,0 +1,155 @@
+"""The little of ASGI the adapter needs: typed aliases, a request, responses, one error type.
+
+Blocking engine work runs in worker threads (:func:`blocking`); request bodies reach it as a
+plain iterator of byte chunks that pulls from the event loop on demand (:meth:`Request.body_chunks`),
+so a body streams into the engine with back-pressure and bounded memory, never buffered whole.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from functools import partial
+from typing import Any, TypeVar
+from urllib.parse import parse_qs
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+T = TypeVar("T")
+
+#: How much request body a worker thread takes from the event loop per hop.
+BODY_BATCH = 1 << 20
+#: Worker threads for blocking engine calls, per process.
+_LIMITER: anyio.CapacityLimiter | None = None
+
+
+def _limiter() -> anyio.CapacityLimiter:
+    global _LIMITER
+    if _LIMITER is None:
+        _LIMITER = anyio.CapacityLimiter(64)
+    return _LIMITER
+
+
+async def blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn`` in a worker thread, off the event loop."""
+    return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=_limiter())
+
+
+class HTTPError(Exception):
+    """An OCI error response: status, code, message, and extra headers."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None, detail: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        self.detail = detail
+
+    def body(self) -> bytes:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            error["detail"] = self.detail
+        return json.dumps({"errors": [error]}).encode()
+
+
+class Request:
+    """One HTTP request: method, path, query, headers, and the body as it arrives."""
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self.scope = scope
+        self._receive = receive
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode(
+            "latin-1"), keep_blank_values=True).items()}
+        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                        for k, v in scope.get("headers", [])}
+        self._more = True
+        self.bytes_in = 0
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("content-length")
+        if value is None:
+            return None
+        if not value.isdigit():
+            raise HTTPError(400, "SIZE_INVALID", f"invalid Content-Length {value!r}")
+        return int(value)
+
+    async def _take(self, at_least: int) -> bytes | None:
+        """Body bytes from the loop: at least ``at_least`` unless the body ends first."""
+        parts: list[bytes] = []
+        got = 0
+        while self._more and got < at_least:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            if chunk:
+                parts.append(chunk)
+                got += len(chunk)
+            self._more = message.get("more_body", False)
+        self.bytes_in += got
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def body_chunks(self) -> Iterator[bytes]:
+        """The body, for a worker thread: each step pulls about 1 MiB from the event loop."""
+        while (chunk := anyio.from_thread.run(self._take, BODY_BATCH)) is not None:
+            yield chunk
+        if self.content_length is not None and self.bytes_in < self.content_length:
+            raise ClientGone
+
+    async def body(self, limit: int) -> bytes:
+        """The whole (small) body; more than ``limit`` bytes is an error."""
+        data = await self._take(limit + 1) or b""
+        if len(data) > limit:
+            raise HTTPError(413, "SIZE_INVALID", f"body over the {limit} byte limit")
+        return data
+
+    async def drain(self) -> None:
+        while self._more:
+            await self._take(BODY_BATCH)
+
+    async def drain_quietly(self, limit: int = 1 << 20) -> None:
+        """Read what is left of a small body before an error reply; a large one is left to
+        the connection's close (reading gigabytes to refuse them helps nobody)."""
+        try:
+            while self._more and self.bytes_in < limit:
+                await self._take(BODY_BATCH)
+        except ClientGone:
+            pass
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its body was complete."""
+
+
+async def respond(send: Send, status: int, headers: dict[str, str], body: bytes = b"",
+                  *, head: bool = False) -> None:
+    if "content-length" not in {k.lower() for k in headers}:
+        headers = {**headers, "Content-Length": str(len(body))}
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(k.lower().encode("latin-1"), str(v).encode("latin-1"))
+                            for k, v in headers.items()]})
+    await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+async def respond_json(send: Send, status: int, obj: Any, headers: dict[str, str] | None = None,
+                       *, content_type: str = "application/json") -> None:
+    body = json.dumps(obj).encode()
+    await respond(send, status, {"Content-Type": content_type, **(headers or {})}, body)
