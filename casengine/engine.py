@@ -109,11 +109,14 @@ class Engine:
     # -- writing ------------------------------------------------------------------------
 
     def ingest(self, source: Source, *, digest: str | Digest | None = None,
-               size: int | None = None, algorithm: str = DEFAULT_ALGORITHM) -> IngestResult:
+               size: int | None = None, algorithm: str = DEFAULT_ALGORITHM,
+               check: Callable[[Digest, int], None] | None = None) -> IngestResult:
         """Store the bytes of ``source``; verify ``digest`` and ``size`` while streaming.
 
         On a mismatch nothing is published and :class:`~casengine.errors.DigestMismatch`
         or :class:`~casengine.errors.SizeMismatch` names what was expected and received.
+        ``check(digest, size)`` runs once both are known and before anything is published;
+        it may raise to refuse the blob (a quota), which then leaves nothing behind.
         """
         expected = parse_digest(digest) if digest is not None else None
         hasher = Hasher(expected.algorithm if expected else algorithm)
@@ -125,6 +128,8 @@ class Engine:
             if known is not None:
                 self._hash_only(chunks, hasher, pool, size)
                 self._verify(hasher, expected, size)
+                if check is not None:
+                    check(hasher.digest(), hasher.size)
                 self.index.touch_blob(known.digest)
                 return IngestResult(hasher.digest(), hasher.size, created=False)
             hint = blob_key(expected, RAW) if expected else None
@@ -136,6 +141,8 @@ class Engine:
                     pipe.put(chunk)
                 pipe.finish()
                 actual = self._verify(hasher, expected, size)
+                if check is not None:
+                    check(actual, hasher.size)
                 now = time.time()
                 record = BlobRecord(str(actual), hasher.size, RAW, writer.size,
                                     pipe.xxh3.hexdigest(), now, now)

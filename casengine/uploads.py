@@ -194,8 +194,13 @@ class Uploads:
         return n, state, hash_rec
 
     def commit(self, upload_id: str, digest: str | Digest, *, last: Source | None = None,
-               size: int | None = None) -> IngestResult:
-        """Verify and publish the session as a blob, optionally appending ``last`` first."""
+               size: int | None = None,
+               check: Callable[[Digest, int], None] | None = None) -> IngestResult:
+        """Verify and publish the session as a blob, optionally appending ``last`` first.
+
+        ``check(digest, size)`` runs after verification, before anything is published, and
+        may raise to refuse; the session then stays as it was.
+        """
         from casengine.engine import IngestResult
 
         expected = parse_digest(digest)
@@ -209,6 +214,8 @@ class Uploads:
             actual = self._digest_of(rec, expected.algorithm)
             if actual != expected:
                 raise DigestMismatch(expected, actual)
+            if check is not None:
+                check(actual, total)
             created = self.engine.publish_staged(upload_key(upload_id), rec["backend"], actual,
                                                  total)
         except BaseException:

@@ -102,15 +102,11 @@ def _descriptor(obj: Any, where: str) -> Descriptor:
         parsed = Digest.parse(digest)
     except InvalidDigest as exc:
         raise ManifestInvalid(f"{where}: {exc}") from exc
-    annotations = obj.get("annotations")
-    if annotations is not None and not (
-        isinstance(annotations, dict)
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in annotations.items())
-    ):
-        raise ManifestInvalid(f"{where} has annotations that are not a string map")
+    annotations = _string_map(obj.get("annotations"), f"{where}.annotations")
+    artifact_type = _optional_string(obj.get("artifactType"), f"{where}.artifactType")
     urls = obj.get("urls") or ()
     platform = obj.get("platform")
-    return Descriptor(media_type, parsed, size, obj.get("artifactType"), annotations,
+    return Descriptor(media_type, parsed, size, artifact_type, annotations,
                       tuple(urls) if isinstance(urls, list) else (),
                       platform if isinstance(platform, dict) else None)
 
@@ -120,7 +116,7 @@ def _media_type(doc: dict[str, Any], content_type: str | None) -> str:
     if declared is not None and not isinstance(declared, str):
         raise ManifestInvalid("mediaType must be a string")
     header = (content_type or "").split(";")[0].strip() or None
-    if declared in DOCKER_SCHEMA1 or header in DOCKER_SCHEMA1 or doc.get("schemaVersion") == 1:
+    if declared in DOCKER_SCHEMA1 or header in DOCKER_SCHEMA1:
         raise Unsupported("Docker schema 1 manifests are not supported: push schema 2 or OCI")
     if declared and header and declared != header and header != "application/json":
         raise ManifestInvalid(
@@ -134,9 +130,28 @@ def _media_type(doc: dict[str, Any], content_type: str | None) -> str:
     return media_type
 
 
+def _string_map(value: Any, where: str) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not (isinstance(value, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
+        raise ManifestInvalid(f"{where} is not a string map")
+    return value
+
+
+def _optional_string(value: Any, where: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ManifestInvalid(f"{where} must be a string")
+    return value
+
+
 def parse_manifest(data: bytes, content_type: str | None = None, *,
-                   max_size: int = DEFAULT_MAX_SIZE) -> Manifest:
-    """Validate ``data`` as a manifest and return what it refers to."""
+                   max_size: int = DEFAULT_MAX_SIZE, algorithm: str = "sha256") -> Manifest:
+    """Validate ``data`` as a manifest and return what it refers to.
+
+    ``algorithm`` is the digest algorithm the manifest is addressed by (sha256 unless it
+    was pushed by a digest of another algorithm).
+    """
     if len(data) > max_size:
         raise ManifestTooLarge(f"manifest of {len(data)} bytes is over the {max_size} byte limit")
     try:
@@ -145,13 +160,17 @@ def parse_manifest(data: bytes, content_type: str | None = None, *,
         raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise ManifestInvalid("manifest is not a JSON object")
+    version = doc.get("schemaVersion")
+    if version == 1 and not isinstance(version, bool):
+        raise Unsupported("Docker schema 1 manifests are not supported: push schema 2 or OCI")
+    if type(version) is not int or version != 2:
+        raise ManifestInvalid("manifest schemaVersion must be 2 (the integer)")
     media_type = _media_type(doc, content_type)
-    if doc.get("schemaVersion") != 2:
-        raise ManifestInvalid("manifest schemaVersion must be 2")
     subject = _descriptor(doc["subject"], "subject") if doc.get("subject") is not None else None
-    common = {"media_type": media_type, "digest": Digest.of(data), "size": len(data),
-              "subject": subject, "artifact_type": doc.get("artifactType"),
-              "annotations": doc.get("annotations")}
+    common = {"media_type": media_type, "digest": Digest.of(data, algorithm), "size": len(data),
+              "subject": subject,
+              "artifact_type": _optional_string(doc.get("artifactType"), "artifactType"),
+              "annotations": _string_map(doc.get("annotations"), "annotations")}
     if media_type in INDEX_TYPES:
         entries = doc.get("manifests")
         if not isinstance(entries, list):

@@ -132,11 +132,16 @@ class Registry:
             raise RepositoryNotFound(name)
         return {"name": name, **json.loads(value)}
 
-    def _for_push(self, name: str) -> None:
+    def _may_push(self, name: str) -> None:
+        """Refuse a push to a repository that does not exist and may not be created."""
         check_name(name)
+        if not self.create_on_push and not self.repository_exists(name):
+            raise RepositoryNotFound(name)
+
+    def _for_push(self, name: str) -> None:
+        """Create the repository of a push that succeeded, if the policy allows."""
+        self._may_push(name)
         if not self.repository_exists(name):
-            if not self.create_on_push:
-                raise RepositoryNotFound(name)
             self.create_repository(name)
 
     def _for_read(self, name: str) -> None:
@@ -165,8 +170,12 @@ class Registry:
                 for k, _ in list(txn.scan(table, _k(name, ""))):
                     txn.delete(table, k)
             txn.delete("repos", name.encode())
-        for key in list(self.backend.list(repo_key(name, ""))):
-            self.backend.delete(key)
+        # only this repository's records: a nested repository (team/app under team)
+        # shares the prefix, and no name component can start with '_'
+        for part in ("_links/", "_manifests/", "_tags/"):
+            for key in list(self.backend.list(repo_key(name, part))):
+                self.backend.delete(key)
+        self.backend.delete(repo_key(name, "_repo"))
 
     # -- blobs in repositories --------------------------------------------------------------
 
@@ -204,22 +213,14 @@ class Registry:
     def ingest_blob(self, repo: str, source: Source, *, digest: str | Digest | None = None,
                     size: int | None = None) -> IngestResult:
         """Store a blob and link it in ``repo`` (a monolithic push)."""
-        check_name(repo)
-        if size is not None:
-            self.quotas.check_blob(repo, size)
+        self._may_push(repo)
+        if size is not None:  # refuse early what is known to be too big
+            self.quotas.check_blob(repo, size, parse_digest(digest) if digest else None)
+        result = self.engine.ingest(source, digest=digest, size=size,
+                                    check=lambda d, n: self.quotas.check_blob(repo, n, d))
         self._for_push(repo)
-        result = self.engine.ingest(source, digest=digest, size=size)
-        self._charge_or_undo(repo, result)
         self.link(repo, result.digest)
         return result
-
-    def _charge_or_undo(self, repo: str, result: IngestResult) -> None:
-        try:
-            self.quotas.check_blob(repo, result.size)
-        except BaseException:
-            if result.created:
-                self.engine.delete(result.digest)
-            raise
 
     def mount(self, repo: str, digest: str | Digest, from_repo: str | None = None,
               readable: Callable[[str], bool] | None = None) -> bool:
@@ -229,7 +230,7 @@ class Registry:
         False when no such repository has the blob: the caller then falls back to an upload.
         """
         d = parse_digest(digest)
-        self._for_push(repo)
+        self._may_push(repo)
         if from_repo is not None:
             sources = [check_name(from_repo)]
         else:
@@ -237,7 +238,8 @@ class Registry:
         for source in sources:
             if (readable is None or readable(source)) and self.is_linked(source, d):
                 record = self.engine.stat(d)
-                self.quotas.check_blob(repo, record.size)
+                self.quotas.check_blob(repo, record.size, d)
+                self._for_push(repo)
                 self.link(repo, d)
                 return True
         return False
@@ -261,10 +263,9 @@ class Registry:
 
     def commit_upload(self, repo: str, upload_id: str, digest: str | Digest, *,
                       last: Source | None = None, size: int | None = None) -> IngestResult:
-        status = self.upload_status(repo, upload_id)
-        self.quotas.check_blob(repo, status.offset)
-        result = self.engine.uploads.commit(upload_id, digest, last=last, size=size)
-        self._charge_or_undo(repo, result)
+        self.upload_status(repo, upload_id)
+        result = self.engine.uploads.commit(upload_id, digest, last=last, size=size,
+                                            check=lambda d, n: self.quotas.check_blob(repo, n, d))
         self.link(repo, result.digest)
         return result
 
@@ -278,14 +279,16 @@ class Registry:
                      content_type: str | None = None) -> Manifest:
         """Validate and store a manifest, by tag or by digest; return what it says."""
         check_name(repo)
-        manifest = parse_manifest(data, content_type, max_size=self.max_manifest_size)
+        by_digest = parse_digest(reference) if is_digest(reference) else None
+        manifest = parse_manifest(data, content_type, max_size=self.max_manifest_size,
+                                  algorithm=by_digest.algorithm if by_digest else "sha256")
         tag = None
-        if is_digest(reference):
-            if parse_digest(reference) != manifest.digest:
+        if by_digest is not None:
+            if by_digest != manifest.digest:
                 raise DigestMismatch(reference, manifest.digest)
         else:
             tag = check_tag(reference)
-        self._for_push(repo)
+        self._may_push(repo)
         self._check_references(repo, manifest)
         refs = tuple(dict.fromkeys(str(d.digest) for d in (*manifest.blobs, *manifest.children)
                                    if self.is_linked(repo, d.digest)))
@@ -293,6 +296,7 @@ class Registry:
         for d in (*manifest.blobs, *manifest.children):
             sizes.setdefault(str(d.digest), d.size)
         self.quotas.check_manifest(repo, [str(manifest.digest), *refs], sizes)
+        self._for_push(repo)
         self.engine.ingest(data, digest=manifest.digest)
         self.backend.put(link_key(repo, manifest.digest), b"")
         self.backend.put(manifest_key(repo, manifest.digest), b"")

@@ -132,8 +132,15 @@ class Quotas:
                     f"quota of {prefix} exceeded: {format_size(used)} used + {format_size(delta)} "
                     f"new > {format_size(limit)} allowed; nothing was stored")
 
-    def check_blob(self, repo: str, size: int) -> None:
-        """Refuse a blob that could not be referenced without crossing a quota."""
+    def check_blob(self, repo: str, size: int, digest: object = None) -> None:
+        """Refuse a blob that could not be referenced without crossing a quota; one the
+        repository already references adds nothing."""
+        if not self._covering(repo):
+            return
+        if digest is not None:
+            with self.registry.index.transaction() as txn:
+                if txn.get("refs", f"{repo}\0{digest}".encode()) is not None:
+                    return
         self._check(repo, size)
 
     def check_manifest(self, repo: str, digests: list[str], sizes: dict[str, int]) -> None:
