@@ -63,11 +63,12 @@ class UploadStatus:
     offset: int  #: bytes acknowledged so far; the next chunk must start here
     created: float
     updated: float
+    owner: str | None = None  #: the user who started it, where there is authentication
 
     @classmethod
     def of(cls, rec: dict) -> UploadStatus:
         return cls(rec["id"], rec.get("repository"), rec["offset"], rec["created"],
-                   rec["updated"])
+                   rec["updated"], rec.get("owner"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,11 +131,12 @@ class Uploads:
 
     # -- the session API ------------------------------------------------------------------
 
-    def start(self, repository: str | None = None) -> UploadStatus:
+    def start(self, repository: str | None = None, owner: str | None = None) -> UploadStatus:
         upload_id = secrets.token_hex(16)
         now = time.time()
         hashed = hashstate.available()
-        rec = {"id": upload_id, "repository": repository, "offset": 0, "created": now,
+        rec = {"id": upload_id, "repository": repository, "owner": owner, "offset": 0,
+               "created": now,
                "updated": now, "lease": None, "backend": {},
                "hash": {"algorithm": "sha256", "state": hashstate.ResumableHash().state().hex()}
                if hashed else None}

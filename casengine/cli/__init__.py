@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from casengine.cli.auth import auth
 from casengine.cli.blob import blob
 from casengine.cli.common import Settings, run_guarded
 from casengine.cli.registry import manifest, quota, repo, tag, usage
@@ -37,7 +38,7 @@ def cli(ctx: click.Context, root: str, index: str | None, storage_options: tuple
 
 cli.add_command(blob)
 cli.add_command(uploads)
-for command in (repo, tag, manifest, usage, quota, serve):
+for command in (repo, tag, manifest, usage, quota, serve, auth):
     cli.add_command(command)
 
 

@@ -100,6 +100,11 @@ ROUTES = [
 ]
 
 
+def _owner(identity: Any) -> str | None:
+    """Who an upload session belongs to: the authenticated user, if any."""
+    return getattr(identity, "user", None)
+
+
 def _digest(text: str) -> Digest:
     return Digest.parse(text)
 
@@ -152,7 +157,10 @@ class RegistryApp:
         route_name = "other"
         try:
             route_name, handler, params = self._route(request)
-            identity = await self.auth.authorize(request, params.get("name"), params.pop("_actions"))
+            actions = params.pop("_actions")
+            identity = None
+            if actions is not None:  # None: health, metrics and the token endpoint
+                identity = await self.auth.authorize(request, params.get("name"), actions)
             await handler(request, tracked, identity=identity, **params)
         except ClientGone:
             state["status"] = state["status"] or 499
@@ -188,6 +196,9 @@ class RegistryApp:
             return "healthz", self.healthz, {"_actions": None}
         if request.path == "/metrics":
             return "metrics", self.metrics_page, {"_actions": None}
+        token_endpoint = getattr(self.auth, "token_endpoint", None)
+        if request.path == "/token" and token_endpoint is not None:
+            return "token", token_endpoint, {"_actions": None}
         for route in ROUTES:
             m = route.pattern.fullmatch(request.path)
             if m is None:
@@ -322,7 +333,7 @@ class RegistryApp:
             await self._created(send, name, result.digest)
             return
         await request.drain()
-        status = await blocking(self.registry.start_upload, name)
+        status = await blocking(self.registry.start_upload, name, _owner(identity))
         headers = self._upload_headers(name, status.id, 0)
         min_chunk = self.registry.engine.uploads.min_chunk
         if min_chunk:
@@ -331,12 +342,12 @@ class RegistryApp:
 
     async def upload_get(self, request: Request, send: Send, identity: Any, name: str,
                          upload: str) -> None:
-        status = await blocking(self.registry.upload_status, name, upload)
+        status = await blocking(self.registry.upload_status, name, upload, _owner(identity))
         await respond(send, 204, self._upload_headers(name, upload, status.offset))
 
     async def upload_patch(self, request: Request, send: Send, identity: Any, name: str,
                            upload: str) -> None:
-        status = await blocking(self.registry.upload_status, name, upload)
+        status = await blocking(self.registry.upload_status, name, upload, _owner(identity))
         length = request.content_length
         offset = status.offset
         content_range = request.header("content-range")
@@ -360,7 +371,7 @@ class RegistryApp:
         if digest is None:
             raise HTTPError(400, "DIGEST_INVALID", "a PUT that ends an upload needs ?digest=")
         d = _digest(digest)
-        status = await blocking(self.registry.upload_status, name, upload)
+        status = await blocking(self.registry.upload_status, name, upload, _owner(identity))
         length = request.content_length
         has_body = bool(length) or "chunked" in (request.header("transfer-encoding") or "")
         last = None
@@ -378,6 +389,7 @@ class RegistryApp:
 
     async def upload_delete(self, request: Request, send: Send, identity: Any, name: str,
                             upload: str) -> None:
+        await blocking(self.registry.upload_status, name, upload, _owner(identity))
         await blocking(self.registry.cancel_upload, name, upload)
         await respond(send, 204, {})
 

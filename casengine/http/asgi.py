@@ -70,12 +70,17 @@ class Request:
         self._receive = receive
         self.method: str = scope["method"]
         self.path: str = scope["path"]
-        self.query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode(
-            "latin-1"), keep_blank_values=True).items()}
+        self._query = parse_qs(scope.get("query_string", b"").decode("latin-1"),
+                               keep_blank_values=True)
+        self.query = {k: v[-1] for k, v in self._query.items()}
         self.headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                         for k, v in scope.get("headers", [])}
         self._more = True
         self.bytes_in = 0
+
+    def query_all(self, name: str) -> list[str]:
+        """Every value of a repeated query parameter (``scope=...&scope=...``)."""
+        return self._query.get(name, [])
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)

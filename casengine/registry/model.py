@@ -246,13 +246,14 @@ class Registry:
 
     # -- upload sessions bound to a repository ----------------------------------------------
 
-    def start_upload(self, repo: str) -> UploadStatus:
+    def start_upload(self, repo: str, owner: str | None = None) -> UploadStatus:
         self._for_push(repo)
-        return self.engine.uploads.start(repo)
+        return self.engine.uploads.start(repo, owner)
 
-    def upload_status(self, repo: str, upload_id: str) -> UploadStatus:
+    def upload_status(self, repo: str, upload_id: str, owner: str | None = None) -> UploadStatus:
+        """The session, if it belongs to ``repo`` (and to ``owner``, where it has one)."""
         status = self.engine.uploads.status(upload_id)
-        if status.repository != repo:
+        if status.repository != repo or (status.owner is not None and status.owner != owner):
             raise UploadNotFound(upload_id)
         return status
 

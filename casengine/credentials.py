@@ -1,0 +1,177 @@
+"""The credentials file: users, hashed secrets, and grants on repository patterns.
+
+A JSON file, written atomically with mode 0600::
+
+    {"version": 1,
+     "users": {"ci": {"secret": "scrypt$16384$8$1$<salt b64>$<hash b64>",
+                      "grants": ["team/project/*:pull,push"], "created": 1790000000.0}},
+     "anonymous": ["public/*:pull"]}
+
+A grant is ``PATTERN:ACTIONS``: actions are ``pull``, ``push`` and ``delete``; in the pattern
+``*`` matches any run of characters, slashes included, so ``team/*`` covers ``team/a`` and
+``team/a/b``. Secrets are random, shown once, and stored only as an scrypt hash with a
+per-entry salt; they are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from casengine.errors import ConfigError, InvalidInput, NotFound
+
+ACTIONS = ("pull", "push", "delete")
+_SCRYPT = {"n": 1 << 14, "r": 8, "p": 1}
+_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+_PATTERN = re.compile(r"[a-z0-9*][a-z0-9._/*-]*")
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    pattern: str
+    actions: frozenset[str]
+
+    @classmethod
+    def parse(cls, text: str) -> Grant:
+        pattern, sep, actions = text.rpartition(":")
+        names = frozenset(a.strip() for a in actions.split(",") if a.strip())
+        if not sep or not _PATTERN.fullmatch(pattern) or not names or not names <= set(ACTIONS):
+            raise InvalidInput(f"invalid grant {text!r}: want PATTERN:ACTIONS, e.g. "
+                               "'team/project/*:pull,push' (actions: pull, push, delete)")
+        return cls(pattern, names)
+
+    def covers(self, repository: str) -> bool:
+        return fnmatch.fnmatchcase(repository, self.pattern)
+
+    def __str__(self) -> str:
+        return f"{self.pattern}:{','.join(a for a in ACTIONS if a in self.actions)}"
+
+
+def allowed(grants: list[Grant], repository: str) -> frozenset[str]:
+    """The actions ``grants`` allow on ``repository``."""
+    out: set[str] = set()
+    for g in grants:
+        if g.covers(repository):
+            out |= g.actions
+    return frozenset(out)
+
+
+def hash_secret(secret: str) -> str:
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(secret.encode(), salt=salt, dklen=32, **_SCRYPT)
+    b64 = base64.b64encode
+    return (f"scrypt${_SCRYPT['n']}${_SCRYPT['r']}${_SCRYPT['p']}$"
+            f"{b64(salt).decode()}${b64(digest).decode()}")
+
+
+def verify_secret(secret: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, want = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        got = hashlib.scrypt(secret.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r),
+                             p=int(p), dklen=32)
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, base64.b64decode(want))
+
+
+@dataclass(slots=True)
+class User:
+    name: str
+    secret_hash: str
+    grants: list[Grant]
+    created: float
+
+
+@dataclass(slots=True)
+class Credentials:
+    """The parsed file. Change it through the methods, then :meth:`save`."""
+
+    path: str
+    users: dict[str, User] = field(default_factory=dict)
+    anonymous: list[Grant] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: str, *, missing_ok: bool = False) -> Credentials:
+        try:
+            with open(path, "rb") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            if missing_ok:
+                return cls(path)
+            raise ConfigError(f"credentials file {path} does not exist: create it with "
+                              "'casengine auth add --file PATH USER --grant ...'") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the credentials file {path}: {exc}") from exc
+        try:
+            users = {name: User(name, u["secret"], [Grant.parse(g) for g in u["grants"]],
+                                u.get("created", 0.0)) for name, u in doc["users"].items()}
+            anonymous = [Grant.parse(g) for g in doc.get("anonymous", [])]
+        except (KeyError, TypeError, AttributeError, InvalidInput) as exc:
+            raise ConfigError(f"the credentials file {path} is malformed: {exc}") from exc
+        return cls(path, users, anonymous)
+
+    def save(self) -> None:
+        doc = {"version": 1,
+               "users": {u.name: {"secret": u.secret_hash, "grants": [str(g) for g in u.grants],
+                                  "created": u.created} for u in self.users.values()},
+               "anonymous": [str(g) for g in self.anonymous]}
+        folder = os.path.dirname(os.path.abspath(self.path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".credentials-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def add(self, name: str, grants: list[Grant]) -> str:
+        """Add ``name`` with ``grants``; return its new secret (shown once, never stored)."""
+        if not _USER.fullmatch(name):
+            raise InvalidInput(f"invalid user name {name!r}: letters, digits and ._@- only")
+        if name in self.users:
+            raise InvalidInput(f"user {name!r} exists: use 'auth rotate' for a new secret")
+        secret = secrets.token_urlsafe(32)
+        self.users[name] = User(name, hash_secret(secret), grants, time.time())
+        return secret
+
+    def rotate(self, name: str) -> str:
+        user = self._user(name)
+        secret = secrets.token_urlsafe(32)
+        user.secret_hash = hash_secret(secret)
+        return secret
+
+    def remove(self, name: str) -> None:
+        self._user(name)
+        del self.users[name]
+
+    def _user(self, name: str) -> User:
+        if name not in self.users:
+            raise NotFound(f"no user {name!r} in {self.path}")
+        return self.users[name]
+
+    def check(self, name: str, secret: str) -> User | None:
+        """The user whose secret this is, or None. Unknown users cost the same time."""
+        user = self.users.get(name)
+        if user is None:
+            verify_secret(secret, _DUMMY)  # the same work, so timing tells nothing
+            return None
+        return user if verify_secret(secret, user.secret_hash) else None
+
+
+_DUMMY = hash_secret(secrets.token_urlsafe(32))

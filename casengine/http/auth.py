@@ -1,0 +1,231 @@
+"""Credentials and per-namespace access: HTTP Basic and the Docker token flow.
+
+The flow ``docker login``, skopeo and oras follow:
+
+1. A request without credentials gets ``401 UNAUTHORIZED`` with
+   ``WWW-Authenticate: Bearer realm="<this server>/token",service="casengine",scope="repository:team/app:pull,push"``.
+2. The client asks ``GET /token?service=casengine&scope=...`` with HTTP Basic credentials.
+   The token it gets carries only the part of the requested scope that the user's grants
+   allow, signed with HMAC-SHA256 under a server key kept beside the credentials file
+   (``<file>.key``), and expires after five minutes.
+3. The client repeats its request with ``Authorization: Bearer <token>``. A token that
+   lacks an action the user's grants do allow gets another 401 (``insufficient_scope``),
+   so the client fetches a wider token; one the grants do not allow gets ``403 DENIED``.
+
+HTTP Basic on any route works too. Anonymous requests get the file's anonymous grants
+(pull only). The file is re-read when it changes, so ``casengine auth`` edits take effect
+without a restart.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from casengine.credentials import Credentials, Grant, allowed
+from casengine.http.asgi import HTTPError, Request, Send, blocking, respond_json
+
+SERVICE = "casengine"
+TOKEN_TTL = 300
+#: How long a verified Basic secret is remembered, so scrypt runs once per client, not per request.
+BASIC_CACHE_TTL = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    user: str | None  #: None for anonymous
+    #: for a Bearer token: repository -> actions the token carries; None otherwise
+    token_access: dict[str, frozenset[str]] | None = None
+
+
+ANONYMOUS = Identity(None)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def load_key(path: str) -> bytes:
+    """The server's token key, created on first use (mode 0600, shared by all workers)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    for _ in range(50):  # another worker may be writing it right now
+        with open(path) as f:
+            text = f.read().strip()
+        if len(text) == 64:
+            return bytes.fromhex(text)
+        time.sleep(0.01)
+    raise OSError(f"token key file {path} is not 64 hex digits")
+
+
+def parse_scopes(values: list[str]) -> dict[str, frozenset[str]]:
+    """``repository:team/app:pull,push`` (repeatable) -> {repository: actions}."""
+    out: dict[str, set[str]] = {}
+    for value in values:
+        for scope in value.split(" "):
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            if kind != "repository" or not name:
+                continue
+            out.setdefault(name, set()).update(a for a in actions.split(",") if a)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+class TokenAuth:
+    """The :class:`~casengine.http.app.Authorizer` for ``casengine serve --auth FILE``."""
+
+    def __init__(self, path: str, *, token_ttl: int = TOKEN_TTL) -> None:
+        self.path = path
+        self.token_ttl = token_ttl
+        self.key = load_key(path + ".key")
+        self._cache_key = os.urandom(32)
+        self._basic: dict[bytes, tuple[str, float]] = {}
+        self._mtime = -1.0
+        self._creds = Credentials(path)
+        self._reload()
+
+    @classmethod
+    def from_file(cls, path: str) -> TokenAuth:
+        return cls(path)
+
+    def _reload(self) -> None:
+        mtime = os.stat(self.path).st_mtime
+        if mtime != self._mtime:
+            self._creds = Credentials.load(self.path)
+            self._mtime = mtime
+            self._basic.clear()
+
+    # -- who is asking --------------------------------------------------------------------
+
+    def _grants(self, identity: Identity) -> list[Grant]:
+        if identity.user is None:
+            return [g for g in self._creds.anonymous if g.actions <= {"pull"}]
+        user = self._creds.users.get(identity.user)
+        return user.grants if user else []
+
+    def allowed(self, identity: Identity, repository: str) -> frozenset[str]:
+        if identity.token_access is not None:
+            # a token can never carry more than its user's grants allow now
+            return identity.token_access.get(repository, frozenset()) & \
+                allowed(self._grants(identity), repository)
+        return allowed(self._grants(identity), repository)
+
+    def can_read(self, identity: Identity | None, repository: str) -> bool:
+        return "pull" in self.allowed(identity or ANONYMOUS, repository)
+
+    async def _basic_user(self, header: str) -> str:
+        try:
+            name, _, secret = base64.b64decode(header, validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            raise self._challenge(None, "malformed Basic credentials") from None
+        key = hmac.new(self._cache_key, f"{name}\0{secret}".encode(), hashlib.sha256).digest()
+        hit = self._basic.get(key)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        user = await blocking(self._creds.check, name, secret)  # scrypt: off the event loop
+        if user is None:
+            raise self._challenge(None, "wrong user name or secret")
+        self._basic[key] = (user.name, time.monotonic() + BASIC_CACHE_TTL)
+        return user.name
+
+    def _bearer(self, token: str) -> Identity:
+        try:
+            payload, _, signature = token.partition(".")
+            want = hmac.new(self.key, payload.encode(), hashlib.sha256).digest()
+            if not hmac.compare_digest(want, _unb64(signature)):
+                raise ValueError("bad signature")
+            claims = json.loads(_unb64(payload))
+            if claims["exp"] < time.time():
+                raise ValueError("expired")
+            access = {k: frozenset(v.split(",")) for k, v in claims["acc"].items()}
+            return Identity(claims["sub"], access)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise self._challenge(None, "invalid or expired token") from None
+
+    async def identify(self, request: Request) -> Identity:
+        self._reload()
+        header = request.header("authorization") or ""
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "basic":
+            return Identity(await self._basic_user(value.strip()))
+        if scheme.lower() == "bearer":
+            identity = self._bearer(value.strip())
+            if identity.user is not None and identity.user not in self._creds.users:
+                raise self._challenge(None, "the token's user no longer exists")
+            return identity
+        return ANONYMOUS
+
+    # -- the Authorizer protocol -------------------------------------------------------------
+
+    def _challenge(self, scope: str | None, message: str, *, request: Request | None = None,
+                   error: str | None = None) -> HTTPError:
+        realm = "/token"
+        if request is not None:
+            host = request.header("host") or "127.0.0.1"
+            realm = f"{request.scope.get('scheme', 'http')}://{host}/token"
+        parts = [f'realm="{realm}"', f'service="{SERVICE}"']
+        if scope:
+            parts.append(f'scope="{scope}"')
+        if error:
+            parts.append(f'error="{error}"')
+        return HTTPError(401, "UNAUTHORIZED", message,
+                         headers={"WWW-Authenticate": "Bearer " + ",".join(parts)})
+
+    async def authorize(self, request: Request, repository: str | None,
+                        actions: frozenset[str]) -> Identity:
+        try:
+            identity = await self.identify(request)
+        except HTTPError as exc:
+            raise self._challenge(None, exc.message, request=request) from None
+        if repository is None:
+            if request.path.rstrip("/") == "/v2" and identity.user is None:
+                raise self._challenge(None, "authentication required", request=request)
+            return identity
+        if actions <= self.allowed(identity, repository):
+            return identity
+        scope = f"repository:{repository}:{','.join(sorted(actions | {'pull'}))}"
+        if identity.user is None:
+            raise self._challenge(scope, "authentication required", request=request)
+        if identity.token_access is not None and actions <= allowed(self._grants(identity),
+                                                                    repository):
+            raise self._challenge(scope, "the token does not cover this", request=request,
+                                  error="insufficient_scope")
+        raise HTTPError(403, "DENIED", f"{identity.user} may not "
+                        f"{'/'.join(sorted(actions))} {repository}")
+
+    # -- the token endpoint ---------------------------------------------------------------
+
+    async def token_endpoint(self, request: Request, send: Send, identity: Any) -> None:
+        scheme = (request.header("authorization") or "").partition(" ")[0].lower()
+        if scheme == "bearer":  # a token is never traded for another, possibly wider, one
+            raise self._challenge(None, "the token endpoint takes Basic credentials",
+                                  request=request)
+        who = await self.identify(request)
+        wanted = parse_scopes(request.query_all("scope"))
+        granted = {repo: actions & allowed(self._grants(who), repo)
+                   for repo, actions in wanted.items()}
+        now = time.time()
+        claims = {"sub": who.user, "iat": now, "exp": now + self.token_ttl,
+                  "acc": {repo: ",".join(sorted(a)) for repo, a in granted.items() if a}}
+        payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
+        signature = _b64(hmac.new(self.key, payload.encode(), hashlib.sha256).digest())
+        token = f"{payload}.{signature}"
+        await respond_json(send, 200, {
+            "token": token, "access_token": token, "expires_in": self.token_ttl,
+            "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))})
