@@ -173,8 +173,10 @@ class RegistryApp:
             if state["status"]:
                 return  # the response had started: all we can do is end the connection
             await request.drain_quietly()
-            await respond(tracked, error.status, {"Content-Type": "application/json",
-                                                  **error.headers}, error.body(),
+            headers = {"Content-Type": "application/json", **error.headers}
+            if request.body_pending:  # the rest of a big body would be read as a new request
+                headers["Connection"] = "close"
+            await respond(tracked, error.status, headers, error.body(),
                           head=request.method == "HEAD")
         finally:
             self.metrics.observe(route_name, request.method, state["status"], request.bytes_in,
@@ -362,7 +364,7 @@ class RegistryApp:
                                 f"Content-Range {content_range}")
             offset, length = start, end - start + 1
         status = await blocking(self.registry.append_upload, name, upload, request.body_chunks(),
-                                offset, length=length)
+                                offset, length=length, owner=_owner(identity))
         await respond(send, 202, self._upload_headers(name, upload, status.offset))
 
     async def upload_put(self, request: Request, send: Send, identity: Any, name: str,
@@ -384,13 +386,13 @@ class RegistryApp:
                                     f"chunk starts at {start}, the upload is at {status.offset}",
                                     headers=self._upload_headers(name, upload, status.offset))
             last = request.body_chunks()
-        result = await blocking(self.registry.commit_upload, name, upload, d, last=last)
+        result = await blocking(self.registry.commit_upload, name, upload, d, last=last,
+                                owner=_owner(identity))
         await self._created(send, name, result.digest)
 
     async def upload_delete(self, request: Request, send: Send, identity: Any, name: str,
                             upload: str) -> None:
-        await blocking(self.registry.upload_status, name, upload, _owner(identity))
-        await blocking(self.registry.cancel_upload, name, upload)
+        await blocking(self.registry.cancel_upload, name, upload, _owner(identity))
         await respond(send, 204, {})
 
     # -- manifests, tags, referrers -----------------------------------------------------

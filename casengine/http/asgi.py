@@ -78,6 +78,11 @@ class Request:
         self._more = True
         self.bytes_in = 0
 
+    @property
+    def body_pending(self) -> bool:
+        """Part of the body is still unread."""
+        return self._more
+
     def query_all(self, name: str) -> list[str]:
         """Every value of a repeated query parameter (``scope=...&scope=...``)."""
         return self._query.get(name, [])

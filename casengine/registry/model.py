@@ -258,20 +258,21 @@ class Registry:
         return status
 
     def append_upload(self, repo: str, upload_id: str, source: Source, offset: int, *,
-                      length: int | None = None) -> UploadStatus:
-        self.upload_status(repo, upload_id)
+                      length: int | None = None, owner: str | None = None) -> UploadStatus:
+        self.upload_status(repo, upload_id, owner)
         return self.engine.uploads.append(upload_id, source, offset, length=length)
 
     def commit_upload(self, repo: str, upload_id: str, digest: str | Digest, *,
-                      last: Source | None = None, size: int | None = None) -> IngestResult:
-        self.upload_status(repo, upload_id)
+                      last: Source | None = None, size: int | None = None,
+                      owner: str | None = None) -> IngestResult:
+        self.upload_status(repo, upload_id, owner)
         result = self.engine.uploads.commit(upload_id, digest, last=last, size=size,
                                             check=lambda d, n: self.quotas.check_blob(repo, n, d))
         self.link(repo, result.digest)
         return result
 
-    def cancel_upload(self, repo: str, upload_id: str) -> None:
-        self.upload_status(repo, upload_id)
+    def cancel_upload(self, repo: str, upload_id: str, owner: str | None = None) -> None:
+        self.upload_status(repo, upload_id, owner)
         self.engine.uploads.cancel(upload_id)
 
     # -- manifests and tags -----------------------------------------------------------------
