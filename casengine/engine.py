@@ -130,7 +130,10 @@ class Engine:
                 self._verify(hasher, expected, size)
                 if check is not None:
                     check(hasher.digest(), hasher.size)
-                self.index.touch_blob(known.digest)
+                if not self.index.touch_blob(known.digest):
+                    # collected while we hashed: the bytes are gone and so is the stream
+                    raise Conflict(f"blob {known.digest} was deleted during the upload; "
+                                   "push it again")
                 return IngestResult(hasher.digest(), hasher.size, created=False)
             hint = blob_key(expected, RAW) if expected else None
             with self.backend.writer(hint) as writer, WritePipeline(writer, pool.put) as pipe:
@@ -146,8 +149,7 @@ class Engine:
                 now = time.time()
                 record = BlobRecord(str(actual), hasher.size, RAW, writer.size,
                                     pipe.xxh3.hexdigest(), now, now)
-                if self.index.get_blob(record.digest) is not None:
-                    self.index.touch_blob(record.digest, now)
+                if self.index.touch_blob(record.digest, now):  # stored already: dedupe
                     return IngestResult(actual, hasher.size, created=False)
                 key = blob_key(actual, RAW)
                 created = self._publish(record, lambda: writer.commit(key, exclusive=True))
@@ -159,8 +161,7 @@ class Engine:
         The stored bytes are not read again, so the record's xxh3 stays empty until the
         first ``casengine check`` computes it. Returns whether a new blob was created.
         """
-        if self.index.get_blob(str(digest)) is not None:
-            self.index.touch_blob(str(digest))
+        if self.index.touch_blob(str(digest)):  # stored already: dedupe
             return False
         now = time.time()
         record = BlobRecord(str(digest), size, RAW, size, "", now, now)

@@ -38,12 +38,14 @@ TABLES = (
     "deleting",  # digest -> lease of the process deleting the blob's object
     "uploads",  # upload id -> session record (JSON)
     "repos",  # repository name -> repository record (JSON)
-    "links",  # repo \0 digest -> b"" : the blob is readable through the repo
+    "links",  # repo \0 digest -> when linked (float64): the blob is readable through the repo
+    "linked",  # digest \0 repo -> b"": the same links, by blob (what GC asks)
     "manifests",  # repo \0 digest -> manifest record (JSON)
     "tags",  # repo \0 tag -> digest
     "refs",  # repo \0 digest -> reference count from the repo's manifests
     "referrers",  # repo \0 subject \0 digest -> descriptor (JSON)
     "quotas",  # namespace prefix -> limit in bytes
+    "locks",  # name -> lease of the process holding it (one GC at a time)
 )
 
 

@@ -14,6 +14,7 @@ import click
 from casengine.cli.auth import auth
 from casengine.cli.blob import blob
 from casengine.cli.common import Settings, run_guarded
+from casengine.cli.gc import gc
 from casengine.cli.registry import manifest, quota, repo, tag, usage
 from casengine.cli.serve import serve
 from casengine.cli.uploads import uploads
@@ -38,7 +39,7 @@ def cli(ctx: click.Context, root: str, index: str | None, storage_options: tuple
 
 cli.add_command(blob)
 cli.add_command(uploads)
-for command in (repo, tag, manifest, usage, quota, serve, auth):
+for command in (repo, tag, manifest, usage, quota, serve, auth, gc):
     cli.add_command(command)
 
 

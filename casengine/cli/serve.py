@@ -32,12 +32,16 @@ def _is_loopback(host: str) -> bool:
               help="Credentials file (see 'casengine auth'); without it there is no auth.")
 @click.option("--insecure", is_flag=True,
               help="Allow serving without --auth on an address other than loopback.")
+@click.option("--gc-interval", metavar="DURATION",
+              help="Run garbage collection in the background this often (e.g. 6h).")
+@click.option("--gc-grace", default="1h", show_default=True, metavar="DURATION",
+              help="Grace window of the background collection.")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str | None,
           tls_key: str | None, redirect: bool, auth_file: str | None, insecure: bool,
-          log_level: str) -> None:
+          gc_interval: str | None, gc_grace: str, log_level: str) -> None:
     """Serve the store as an OCI Distribution (Docker Registry v2) registry."""
     try:
         import uvicorn
@@ -56,7 +60,11 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
     s: Settings = ctx.find_object(Settings)
-    settings = ServeSettings(s.root, s.index, s.storage_options, redirect, auth_file)
+    from casengine.units import parse_duration
+
+    settings = ServeSettings(s.root, s.index, s.storage_options, redirect, auth_file,
+                             gc_interval=parse_duration(gc_interval) if gc_interval else None,
+                             gc_grace=parse_duration(gc_grace))
     tls = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key} if tls_cert else {}
     common = {"host": host, "port": port, "log_level": log_level, "access_log": False,
               "lifespan": "on", "timeout_keep_alive": 30, **tls}

@@ -73,8 +73,12 @@ class Request:
         self._query = parse_qs(scope.get("query_string", b"").decode("latin-1"),
                                keep_blank_values=True)
         self.query = {k: v[-1] for k, v in self._query.items()}
-        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                        for k, v in scope.get("headers", [])}
+        self.headers: dict[str, str] = {}
+        for k, v in scope.get("headers", []):
+            name, value = k.decode("latin-1").lower(), v.decode("latin-1")
+            # a header sent on several lines is one comma-separated list (RFC 9110 5.3);
+            # skopeo sends each Accept type on its own line
+            self.headers[name] = f"{self.headers[name]}, {value}" if name in self.headers else value
         self._more = True
         self.bytes_in = 0
 

@@ -7,13 +7,16 @@ travel to :func:`app_from_env` as one JSON environment variable, parsed here at 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from casengine.http.app import RegistryApp
 
 ENV = "CASENGINE_SERVE_SETTINGS"
+log = logging.getLogger("casengine.http")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +27,8 @@ class ServeSettings:
     redirect: bool = False
     auth_file: str | None = None
     create_on_push: bool = True
+    gc_interval: float | None = None  #: seconds between background collections
+    gc_grace: float = 3600.0
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -44,7 +49,33 @@ def build_app(settings: ServeSettings) -> RegistryApp:
         from casengine.http.auth import TokenAuth
 
         auth = TokenAuth.from_file(settings.auth_file)
-    return RegistryApp(registry, auth=auth, redirect=settings.redirect, on_close=engine.close)
+    stop = threading.Event()
+    if settings.gc_interval:
+        threading.Thread(target=_collect_every, name="casengine-gc", daemon=True,
+                         args=(registry, settings.gc_interval, settings.gc_grace, stop)).start()
+
+    def close() -> None:
+        stop.set()
+        engine.close()
+
+    return RegistryApp(registry, auth=auth, redirect=settings.redirect, on_close=close)
+
+
+def _collect_every(registry: Any, interval: float, grace: float, stop: threading.Event) -> None:
+    """Background GC for ``serve --gc-interval``; with several workers, the index lock lets
+    one collect at a time and the others skip that round."""
+    from casengine.errors import CASError, Conflict
+    from casengine.gc import Collector
+
+    while not stop.wait(interval):
+        try:
+            report = Collector(registry, grace=grace).run()
+            log.info("gc: %d blobs (%d bytes), %d links, %d upload sessions", report.blobs,
+                     report.bytes, report.links, report.uploads)
+        except Conflict:
+            continue
+        except CASError as exc:
+            log.error("gc failed: %s", exc)
 
 
 def app_from_env() -> RegistryApp:

@@ -29,6 +29,7 @@ from casengine.backend import READ_CHUNK
 from casengine.digest import Digest, parse_digest
 from casengine.errors import (
     BlobNotFound,
+    Conflict,
     DigestMismatch,
     ManifestBlobUnknown,
     ManifestInvalid,
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from casengine.uploads import UploadStatus
 
 _REF = struct.Struct("<IQ")  # reference count, blob size
+_TIME = struct.Struct("<d")
 
 
 def _k(repo: str, *parts: str) -> bytes:
@@ -166,9 +168,11 @@ class Registry:
         for digest in manifests:
             self.delete_manifest(name, digest)
         with self.index.transaction(write=True) as txn:
-            for table in ("links", "refs"):
-                for k, _ in list(txn.scan(table, _k(name, ""))):
-                    txn.delete(table, k)
+            for k, _ in list(txn.scan("links", _k(name, ""))):
+                txn.delete("links", k)
+                txn.delete("linked", _k(k.split(b"\0", 1)[1].decode(), name))
+            for k, _ in list(txn.scan("refs", _k(name, ""))):
+                txn.delete("refs", k)
             txn.delete("repos", name.encode())
         # only this repository's records: a nested repository (team/app under team)
         # shares the prefix, and no name component can start with '_'
@@ -183,7 +187,7 @@ class Registry:
         d = parse_digest(digest)
         self.backend.put(link_key(repo, d), b"")
         with self.index.transaction(write=True) as txn:
-            txn.put("links", _k(repo, str(d)), b"")
+            add_link(txn, repo, str(d))
 
     def is_linked(self, repo: str, digest: str | Digest) -> bool:
         with self.index.transaction() as txn:
@@ -207,6 +211,7 @@ class Registry:
         self._for_read(check_name(repo))
         with self.index.transaction(write=True) as txn:
             existed = txn.delete("links", _k(repo, str(d)))
+            txn.delete("linked", _k(str(d), repo))
         self.backend.delete(link_key(repo, d))
         return existed
 
@@ -333,7 +338,7 @@ class Registry:
         for ref in record.refs:  # again, inside the transaction: an unlink may have raced
             if txn.get("links", _k(repo, ref)) is None:
                 raise ManifestBlobUnknown(repo, ref)
-        txn.put("links", key, b"")
+        add_link(txn, repo, record.digest)
         if txn.get("manifests", key) is not None:
             return  # the same bytes again: nothing new is referenced
         txn.put("manifests", key, json.dumps(_record_json(record)).encode())
@@ -381,18 +386,26 @@ class Registry:
         record = self.resolve(repo, reference)
         return self.engine.read_bytes(record.digest), record
 
-    def delete_manifest(self, repo: str, digest: str | Digest) -> None:
-        """Delete a manifest by digest, with the tags that point at it."""
+    def delete_manifest(self, repo: str, digest: str | Digest,
+                        guard: Callable[[Txn], bool] | None = None) -> bool:
+        """Delete a manifest by digest, with the tags that point at it.
+
+        ``guard`` (garbage collection's) runs inside the deleting transaction and may veto
+        by returning False; then nothing changes. Returns whether the manifest was deleted.
+        """
         d = str(parse_digest(digest))
         record = self.resolve(repo, d)
-        with self.index.transaction() as txn:
-            tags = [k.split(b"\0", 1)[1].decode() for k, v in txn.scan("tags", _k(repo, ""))
-                    if v.decode() == d]
-        for tag in tags:
-            self.delete_tag(repo, tag)
+        if guard is None:
+            with self.index.transaction() as txn:
+                tags = [k.split(b"\0", 1)[1].decode() for k, v in txn.scan("tags", _k(repo, ""))
+                        if v.decode() == d]
+            for tag in tags:
+                self.delete_tag(repo, tag)
         with self.index.transaction(write=True) as txn:
+            if guard is not None and not guard(txn):
+                return False
             if not txn.delete("manifests", _k(repo, d)):
-                return
+                return False
             removed = 0
             for ref in (d, *record.refs):
                 old = txn.get("refs", _k(repo, ref))
@@ -408,6 +421,7 @@ class Registry:
                 txn.delete("referrers", _k(repo, record.subject, d))
             self._add_logical(txn, repo, -removed)
         self.backend.delete(manifest_key(repo, parse_digest(d)))
+        return True
 
     def delete_tag(self, repo: str, tag: str) -> None:
         self._for_read(check_name(repo))
@@ -445,6 +459,25 @@ class Registry:
         if artifact_type is not None:
             found = [d for d in found if d.get("artifactType") == artifact_type]
         return found
+
+
+def add_link(txn: Txn, repo: str, digest: str) -> None:
+    """Link ``digest`` in ``repo`` -- only while the blob is stored and not being deleted.
+
+    This check and garbage collection's (no link, then delete) run in write transactions,
+    which LMDB serialises across processes: either the link lands first and the collector
+    sees it, or the collector takes the blob first and the link is refused here, before
+    the push is acknowledged. A blob can never be linked and deleted at once.
+    """
+    if txn.get("blobs", digest.encode()) is None:
+        raise Conflict(f"blob {digest} is not stored (it may just have been collected): "
+                       "push it again")
+    txn.put("links", _k(repo, digest), _TIME.pack(time.time()))
+    txn.put("linked", _k(digest, repo), b"")
+
+
+def link_time(value: bytes) -> float:
+    return _TIME.unpack(value)[0] if len(value) == _TIME.size else 0.0
 
 
 def _record_json(r: ManifestRecord) -> dict[str, Any]:
