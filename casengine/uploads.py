@@ -196,18 +196,21 @@ class Uploads:
         return n, state, hash_rec
 
     def commit(self, upload_id: str, digest: str | Digest, *, last: Source | None = None,
-               size: int | None = None,
+               last_length: int | None = None, size: int | None = None,
                check: Callable[[Digest, int], None] | None = None) -> IngestResult:
         """Verify and publish the session as a blob, optionally appending ``last`` first.
 
         ``check(digest, size)`` runs after verification, before anything is published, and
-        may raise to refuse; the session then stays as it was.
+        may raise to refuse. A refused commit leaves the session as it was before the call,
+        ``last`` not appended, so the client can retry.
         """
         from casengine.engine import IngestResult
 
         expected = parse_digest(digest)
+        before = None
         if last is not None:
-            self.append(upload_id, last, self.status(upload_id).offset)
+            before = self.engine.index.get_upload(self._check_id(upload_id))
+            self.append(upload_id, last, self.status(upload_id).offset, length=last_length)
         rec, token = self._claim(upload_id, None)
         try:
             total = rec["offset"]
@@ -221,7 +224,9 @@ class Uploads:
             created = self.engine.publish_staged(upload_key(upload_id), rec["backend"], actual,
                                                  total)
         except BaseException:
-            self._release(upload_id, token)
+            restore = {} if before is None else {
+                k: before[k] for k in ("offset", "backend", "hash")}
+            self._release(upload_id, token, **restore)
             raise
         self._forget(upload_id, rec)
         return IngestResult(actual, total, created)

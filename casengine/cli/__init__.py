@@ -13,6 +13,7 @@ import click
 
 from casengine.cli.auth import auth
 from casengine.cli.blob import blob
+from casengine.cli.check import check, reindex
 from casengine.cli.common import Settings, run_guarded
 from casengine.cli.gc import gc
 from casengine.cli.registry import manifest, quota, repo, tag, usage
@@ -39,7 +40,7 @@ def cli(ctx: click.Context, root: str, index: str | None, storage_options: tuple
 
 cli.add_command(blob)
 cli.add_command(uploads)
-for command in (repo, tag, manifest, usage, quota, serve, auth, gc):
+for command in (repo, tag, manifest, usage, quota, serve, auth, gc, check, reindex):
     cli.add_command(command)
 
 

@@ -380,13 +380,18 @@ class RegistryApp:
         if has_body:
             content_range = request.header("content-range")
             if content_range:
-                start, _ = parse_content_range(content_range)
+                start, end = parse_content_range(content_range)
                 if start != status.offset:
                     raise HTTPError(416, "BLOB_UPLOAD_INVALID",
                                     f"chunk starts at {start}, the upload is at {status.offset}",
                                     headers=self._upload_headers(name, upload, status.offset))
+                if length is not None and length != end - start + 1:
+                    raise HTTPError(400, "SIZE_INVALID", f"Content-Length {length} does not "
+                                    f"match Content-Range {content_range}")
+                length = end - start + 1
             last = request.body_chunks()
         result = await blocking(self.registry.commit_upload, name, upload, d, last=last,
+                                last_length=length if has_body else None,
                                 owner=_owner(identity))
         await self._created(send, name, result.digest)
 

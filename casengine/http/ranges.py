@@ -35,11 +35,11 @@ def parse_range(header: str | None, size: int) -> list[tuple[int, int]] | None:
             ranges.append((max(0, size - n), size - 1))
             continue
         start = int(m[1])
-        end = int(m[2]) if m[2] else size - 1
-        if end < start:
-            return None
+        if m[2] and int(m[2]) < start:
+            return None  # malformed: ignored, the whole blob is sent
         if start >= size:
-            continue
+            continue  # unsatisfiable on its own
+        end = int(m[2]) if m[2] else size - 1
         ranges.append((start, min(end, size - 1)))
     if not ranges:
         raise HTTPError(416, "BLOB_UNKNOWN", f"no byte of the range {header!r} is in a blob of "

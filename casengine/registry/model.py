@@ -268,10 +268,11 @@ class Registry:
         return self.engine.uploads.append(upload_id, source, offset, length=length)
 
     def commit_upload(self, repo: str, upload_id: str, digest: str | Digest, *,
-                      last: Source | None = None, size: int | None = None,
-                      owner: str | None = None) -> IngestResult:
+                      last: Source | None = None, last_length: int | None = None,
+                      size: int | None = None, owner: str | None = None) -> IngestResult:
         self.upload_status(repo, upload_id, owner)
-        result = self.engine.uploads.commit(upload_id, digest, last=last, size=size,
+        result = self.engine.uploads.commit(upload_id, digest, last=last,
+                                            last_length=last_length, size=size,
                                             check=lambda d, n: self.quotas.check_blob(repo, n, d))
         self.link(repo, result.digest)
         return result

@@ -1,0 +1,169 @@
+"""Rebuild the index from the backend alone (``casengine reindex``).
+
+The layout is self-describing (see :mod:`casengine.layout`): blob keys name digest and
+codec; repositories keep ``_repo``, ``_links``, ``_manifests`` and ``_tags`` records; a
+manifest's references and subject are in its own bytes. So a lost or corrupted index can be
+built again, into a fresh directory that then replaces the old one. Run it with the
+registry stopped. Blob records come back without their xxh3 (the next ``casengine check``
+computes it); upload sessions do not come back (their staged bytes are purged as orphans);
+quotas are not stored in the backend and must be set again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from casengine.backend import Backend
+from casengine.digest import Digest
+from casengine.errors import CASError
+from casengine.index import BlobRecord, LmdbIndex
+from casengine.layout import BLOBS, REPOSITORIES, parse_blob_key
+from casengine.registry.manifests import parse_manifest
+
+if TYPE_CHECKING:
+    from casengine.registry import Registry
+
+Progress = Callable[[str, int], None]
+
+
+@dataclass(slots=True)
+class ReindexReport:
+    blobs: int = 0
+    repositories: int = 0
+    manifests: int = 0
+    tags: int = 0
+    links: int = 0
+    skipped: list[str] | None = None
+
+    def to_json(self) -> dict:
+        return {"blobs": self.blobs, "repositories": self.repositories,
+                "manifests": self.manifests, "tags": self.tags, "links": self.links,
+                "skipped": self.skipped or []}
+
+
+def _split_repo_key(key: str) -> tuple[str, str, list[str]] | None:
+    """``repositories/<name>/_kind/rest`` -> (name, kind, rest parts)."""
+    parts = key[len(REPOSITORIES):].split("/")
+    for i, part in enumerate(parts):
+        if part.startswith("_"):
+            return "/".join(parts[:i]), part, parts[i + 1:]
+    return None
+
+
+def rebuild(backend: Backend, index_path: str, *, progress: Progress | None = None) -> ReindexReport:
+    """Build a new index at ``index_path`` (replacing what is there) from ``backend``."""
+    from casengine.engine import Engine
+    from casengine.registry import Registry
+    from casengine.registry.model import add_link
+
+    progress = progress or (lambda stage, n: None)
+    staging = f"{index_path.rstrip('/')}.rebuild-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    index = LmdbIndex(staging)
+    engine = Engine(backend, index)
+    registry = Registry(engine)
+    report = ReindexReport(skipped=[])
+    try:
+        for key in backend.list(BLOBS):
+            parsed = parse_blob_key(key)
+            if parsed is None:
+                report.skipped.append(key)
+                continue
+            digest, codec = parsed
+            info = backend.stat(key)
+            size = info.size  # raw: logical == stored
+            index.add_blob(BlobRecord(str(digest), size, codec, info.size, "", info.mtime,
+                                      info.mtime))
+            report.blobs += 1
+            progress("blobs", 1)
+        repos: dict[str, dict[str, list]] = {}
+        for key in backend.list(REPOSITORIES):
+            split = _split_repo_key(key)
+            if split is None:
+                report.skipped.append(key)
+                continue
+            name, kind, rest = split
+            repos.setdefault(name, {"_links": [], "_manifests": [], "_tags": [], "_repo": []})
+            repos[name].setdefault(kind, []).append(rest)
+        for name, records in sorted(repos.items()):
+            created = time.time()
+            if records["_repo"]:
+                try:
+                    created = json.loads(backend.get(f"{REPOSITORIES}{name}/_repo"))["created"]
+                except (CASError, ValueError, KeyError):
+                    pass
+            with index.transaction(write=True) as txn:
+                txn.put("repos", name.encode(), json.dumps({"created": created,
+                                                            "logical": 0}).encode())
+                for alg, hexdigest in (r for r in records["_links"] if len(r) == 2):
+                    digest = f"{alg}:{hexdigest}"
+                    if txn.get("blobs", digest.encode()) is not None:
+                        add_link(txn, name, digest)
+                        report.links += 1
+            report.repositories += 1
+            manifests = [f"{r[0]}:{r[1]}" for r in records["_manifests"] if len(r) == 2]
+            _restore_manifests(registry, name, manifests, report)
+            for rest in records["_tags"]:
+                tag = "/".join(rest)
+                digest = backend.get(f"{REPOSITORIES}{name}/_tags/{tag}").decode().strip()
+                with index.transaction(write=True) as txn:
+                    if txn.get("manifests", f"{name}\0{digest}".encode()) is not None:
+                        txn.put("tags", f"{name}\0{tag}".encode(), digest.encode())
+                        report.tags += 1
+                    else:
+                        report.skipped.append(f"{name}:{tag} -> {digest}")
+            progress("repositories", 1)
+    finally:
+        index.close()
+    old = f"{index_path.rstrip('/')}.old-{int(time.time())}"
+    if os.path.exists(index_path):
+        os.rename(index_path, old)
+    os.rename(staging, index_path)
+    shutil.rmtree(old, ignore_errors=True)
+    return report
+
+
+def _restore_manifests(registry: Registry, name: str, digests: list[str],
+                       report: ReindexReport) -> None:
+    """Record manifests children first, so an index finds its children recorded."""
+    from casengine.registry.model import ManifestRecord
+
+    parsed = {}
+    for digest in digests:
+        try:
+            data = registry.engine.read_bytes(digest)
+            parsed[digest] = parse_manifest(data, None, algorithm=Digest.parse(digest).algorithm)
+        except CASError:
+            report.skipped.append(f"{name}@{digest}")
+    done: set[str] = set()
+
+    def record(digest: str) -> None:
+        if digest in done:
+            return
+        done.add(digest)
+        manifest = parsed[digest]
+        for child in manifest.children:
+            if str(child.digest) in parsed:
+                record(str(child.digest))
+        with registry.index.transaction() as txn:
+            refs = tuple(dict.fromkeys(
+                str(d.digest) for d in (*manifest.blobs, *manifest.children)
+                if txn.get("links", f"{name}\0{d.digest}".encode()) is not None))
+        sizes = {digest: manifest.size}
+        for d in (*manifest.blobs, *manifest.children):
+            sizes.setdefault(str(d.digest), d.size)
+        rec = ManifestRecord(name, digest, manifest.media_type, manifest.size, refs,
+                             str(manifest.subject.digest) if manifest.subject else None,
+                             manifest.artifact_type)
+        with registry.index.transaction(write=True) as txn:
+            registry._record_manifest(txn, rec, manifest, sizes)
+        report.manifests += 1
+
+    for digest in parsed:
+        record(digest)
