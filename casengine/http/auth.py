@@ -23,6 +23,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 import time
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from casengine.credentials import Credentials, Grant, allowed
+from casengine.errors import ConfigError
 from casengine.http.asgi import HTTPError, Request, Send, blocking, respond_json
 
 SERVICE = "casengine"
@@ -93,19 +95,23 @@ class TokenAuth:
     def __init__(self, path: str, *, token_ttl: int = TOKEN_TTL) -> None:
         self.path = path
         self.token_ttl = token_ttl
-        self.key = load_key(path + ".key")
         self._cache_key = os.urandom(32)
         self._basic: dict[bytes, tuple[str, float]] = {}
         self._mtime = -1.0
         self._creds = Credentials(path)
-        self._reload()
+        self._reload()  # first: a missing file is an error before any key is made
+        self.key = load_key(path + ".key")
 
     @classmethod
     def from_file(cls, path: str) -> TokenAuth:
         return cls(path)
 
     def _reload(self) -> None:
-        mtime = os.stat(self.path).st_mtime
+        try:
+            mtime = os.stat(self.path).st_mtime
+        except FileNotFoundError:
+            raise ConfigError(f"credentials file {self.path} does not exist: create it with "
+                              "'casengine auth add --file PATH USER --grant ...'") from None
         if mtime != self._mtime:
             self._creds = Credentials.load(self.path)
             self._mtime = mtime
@@ -114,10 +120,12 @@ class TokenAuth:
     # -- who is asking --------------------------------------------------------------------
 
     def _grants(self, identity: Identity) -> list[Grant]:
+        # what anyone may pull, a signed-in user may pull too
+        anonymous = [g for g in self._creds.anonymous if g.actions <= {"pull"}]
         if identity.user is None:
-            return [g for g in self._creds.anonymous if g.actions <= {"pull"}]
+            return anonymous
         user = self._creds.users.get(identity.user)
-        return user.grants if user else []
+        return (user.grants if user else []) + anonymous
 
     def allowed(self, identity: Identity, repository: str) -> frozenset[str]:
         if identity.token_access is not None:
@@ -151,10 +159,13 @@ class TokenAuth:
             if not hmac.compare_digest(want, _unb64(signature)):
                 raise ValueError("bad signature")
             claims = json.loads(_unb64(payload))
-            if claims["exp"] < time.time():
+            exp, sub, acc = claims["exp"], claims["sub"], claims["acc"]
+            if not isinstance(exp, (int, float)) or not math.isfinite(exp) or exp < time.time():
                 raise ValueError("expired")
-            access = {k: frozenset(v.split(",")) for k, v in claims["acc"].items()}
-            return Identity(claims["sub"], access)
+            if not (sub is None or isinstance(sub, str)) or not isinstance(acc, dict):
+                raise ValueError("malformed claims")
+            access = {k: frozenset(v.split(",")) for k, v in acc.items()}
+            return Identity(sub, access)
         except (ValueError, KeyError, TypeError, AttributeError):
             raise self._challenge(None, "invalid or expired token") from None
 

@@ -1,0 +1,591 @@
+"""``casengine bench``: the engine's throughput next to the machine's own limits, same run.
+
+For each size, random (incompressible) bytes are generated once, then
+
+1. the **limits** are measured: ``hashlib.sha256`` on one thread and on two threads at once
+   (hashlib releases the GIL), a memory copy, zstd level 3, and the backend's own raw write
+   (:meth:`Backend.writer` + commit of the same bytes), full read and 1 MiB range read;
+2. the **engine** does the same work: ingest and chunked upload (8 MiB appends) next to
+   sha256 on one thread, read and a 1 MiB range read in the middle next to the backend's
+   raw read and range read.
+
+Every figure is the median over repetitions (MB = 10^6 bytes), and its ratio is
+``engine MB/s / limit MB/s``: 1.00 means the engine runs at the limit. The number of
+repetitions adapts to the size (see :func:`repetitions`), so 1 MiB gets many and 1 GiB three.
+
+The engine's bytes go to the root's own backend, but through an engine with a **private
+index** (beside the root's index, as durable as it), so the root's index is never touched.
+Every object written (blobs, upload staging, the raw-limit object) and every directory that
+had to be created for it is removed at the end, also on an error or Ctrl-C. The random
+digests cannot name anything already stored, so nothing of the root's own is ever deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import re
+import secrets
+import shutil
+import ssl
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from casengine.backend import READ_CHUNK, Backend, LocalPaths
+from casengine.digest import Digest
+from casengine.engine import Engine
+from casengine.errors import NotFound
+from casengine.index import LmdbIndex
+from casengine.ingest import CHUNK
+from casengine.layout import RAW, blob_key, upload_key
+
+MB = 1_000_000
+MiB = 1 << 20
+#: The default sizes of ``casengine bench``.
+DEFAULT_SIZES = (MiB, 64 * MiB, 1 << 30)
+#: Length of the range read, in the middle of the blob (the whole blob when smaller).
+RANGE = MiB
+#: Append size of the chunked upload (raised to the backend's ``min_chunk`` if larger).
+UPLOAD_CHUNK = 8 * MiB
+#: From this size on, three repetitions after the warm-up; below, at least five.
+LARGE = 256 * MiB
+#: Below ``LARGE``, repeat until this much time was measured (or ``MAX_REPS``).
+MIN_TIME = 0.2
+MAX_REPS = 100
+
+#: What a run does for each size, in order: one progress step each.
+STEPS = ("random data", "sha256", "sha256-2t", "memcopy", "zstd-3", "backend-write",
+         "backend-read", "backend-range", "ingest", "read", "range-read", "upload-8m")
+
+#: The limits, and what each measures.
+LIMITS = {
+    "sha256": "hashlib.sha256 over the bytes, one thread",
+    "sha256-2t": "hashlib.sha256 on two threads at once, each over the bytes (aggregate)",
+    "memcopy": "copy of the bytes into a reused buffer (memory bandwidth)",
+    "zstd-3": "zstd level 3 compression, one thread, 4 MiB frames",
+    "backend-write": "the backend's raw writer + commit of the bytes, 4 MiB writes",
+    "backend-read": "the backend's raw read of that object, 1 MiB chunks",
+    "backend-range": "the backend's raw read of 1 MiB in the middle of that object",
+}
+#: The engine figures: what each measures, and the limit it is paired with.
+FIGURES = {
+    "ingest": ("Engine.ingest of the bytes", "sha256"),
+    "read": ("Engine.read of the stored blob, drained", "backend-read"),
+    "range-read": ("Engine.read of 1 MiB in the middle of the blob", "backend-range"),
+    "upload-8m": ("uploads.start, 8 MiB appends, commit", "sha256"),
+}
+
+#: The figures that write, also shown next to the backend's raw write.
+WRITING = ("ingest", "upload-8m")
+
+#: Called with the label of each step as it begins ("64 MiB: ingest").
+Progress = Callable[[str], None]
+
+
+# -- results --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One machine limit at one size."""
+
+    name: str
+    size: int  #: the blob size of this round
+    nbytes: int  #: bytes moved per repetition
+    mbps: float  #: median throughput, MB = 10^6 bytes
+    reps: int
+    #: this limit as a fraction of sha256 on one thread (< 1: it binds before hashing)
+    vs_sha256: float
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """One engine figure at one size, next to its limit."""
+
+    name: str
+    size: int
+    nbytes: int
+    mbps: float
+    limit: str
+    limit_mbps: float
+    ratio: float  #: mbps / limit_mbps; 1.00 = at the limit
+    reps: int
+    #: writing figures: mbps / the backend's raw write mbps (a durable write can be the
+    #: tighter bound: fsync latency on small blobs, a slow disk on big ones)
+    ratio_vs_backend_write: float | None = None
+
+
+@dataclass
+class Report:
+    root: str
+    backend: str
+    sizes: list[int]
+    machine: dict[str, Any]
+    limits: list[Limit] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        def rounded(d: dict[str, Any]) -> dict[str, Any]:
+            out = {k: round(v, 4 if "ratio" in k or k == "vs_sha256" else 1)
+                   if isinstance(v, float) else v for k, v in d.items() if v is not None}
+            out["size_label"] = size_label(d["size"])
+            return out
+
+        return {
+            "root": self.root, "backend": self.backend, "sizes": self.sizes,
+            "machine": self.machine, "seconds": round(self.seconds, 1),
+            "units": {"mbps": "10^6 bytes per second, median of reps",
+                      "ratio": "engine mbps / limit mbps (1.0 = at the limit)"},
+            "limits": [rounded(asdict(x)) | {"what": LIMITS[x.name]} for x in self.limits],
+            "figures": [rounded(asdict(f)) | {"what": FIGURES[f.name][0]} for f in self.figures],
+        }
+
+
+def size_label(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "openssl": ssl.OPENSSL_VERSION,
+                            "cpus": os.cpu_count(), "system": platform.system(),
+                            "kernel": platform.release()}
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpuinfo = f.read()
+        if m := re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE):
+            info["cpu"] = m.group(1).strip()
+        info["sha_ni"] = bool(re.search(r"^flags\s*:.*\bsha_ni\b", cpuinfo, re.MULTILINE))
+    return info
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+
+def repetitions(nbytes: int) -> tuple[int, int, float]:
+    """``(min reps, max reps, min measured seconds)`` for work moving ``nbytes`` per rep.
+
+    Large work: exactly three (after a warm-up), so 1 GiB stays in the minutes. Small work:
+    at least five, more until ``MIN_TIME`` was measured, so a 1 MiB median is not noise.
+    """
+    if nbytes >= LARGE:
+        return 3, 3, 0.0
+    return 5, MAX_REPS, MIN_TIME
+
+
+def measure(run: Callable[[], float], nbytes: int, *, warmup: int = 1) -> tuple[float, int]:
+    """Median MB/s of ``run()``, which does the work once and returns its timed seconds."""
+    for _ in range(warmup):
+        run()
+    least, most, min_time = repetitions(nbytes)
+    times: list[float] = []
+    while len(times) < most and (len(times) < least or sum(times) < min_time):
+        times.append(run())
+    return nbytes / max(statistics.median(times), 1e-9) / MB, len(times)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def drain(chunks: Iterator[bytes]) -> int:
+    return sum(len(c) for c in chunks)
+
+
+def pieces(view: memoryview, size: int) -> Iterator[memoryview]:
+    for off in range(0, len(view), size):
+        yield view[off:off + size]
+
+
+# -- what the bench writes, and removing it ---------------------------------------------------
+
+
+class Scratch:
+    """Every key the bench writes on the backend, and the directories made for them.
+
+    Directories are only known on backends with local paths; one is removed at the end
+    only if it did not exist before the bench wrote under it, and only if empty.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.keys: set[str] = set()
+        self.uploads: set[str] = set()
+        self._dirs: list[str] = []
+
+    def will_write(self, key: str) -> None:
+        self.keys.add(key)
+        if not isinstance(self.backend, LocalPaths):
+            return
+        path = self.backend.local_path(key)
+        parents = []
+        for _ in range(key.count("/")):
+            path = os.path.dirname(path)
+            parents.append(path)
+        for d in reversed(parents):  # top down: from the first missing one, all are ours
+            if not os.path.isdir(d) and d not in self._dirs:
+                self._dirs.append(d)
+
+    def will_upload(self, upload_id: str) -> None:
+        self.uploads.add(upload_id)
+        self.will_write(upload_key(upload_id) + "/data")
+
+    def clean(self, engine: Engine) -> None:
+        """Remove everything written, best effort: one failure does not stop the rest."""
+        errors: list[BaseException] = []
+        for upload_id in self.uploads:
+            try:
+                rec = engine.index.get_upload(upload_id)
+                self.backend.discard_upload(upload_key(upload_id), (rec or {}).get("backend")
+                                            or {})
+                if rec is not None:
+                    engine.index.update_upload(upload_id, lambda _: None)
+            except Exception as exc:  # noqa: BLE001 - reported after the rest is removed
+                errors.append(exc)
+        for key in sorted(self.keys):
+            try:
+                self.backend.delete(key)
+            except NotFound:
+                pass
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+        for d in sorted(self._dirs, key=len, reverse=True):  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        if errors:
+            raise errors[0]
+
+
+@contextlib.contextmanager
+def private_engine(engine: Engine) -> Iterator[Engine]:
+    """An engine on ``engine``'s backend with an index of its own, removed at the end.
+
+    The index lives beside the root's index (same filesystem), durable unless the backend
+    is ephemeral, so an ingest pays the same index commit as a real one.
+    """
+    base = None
+    if isinstance(engine.index, LmdbIndex):
+        base = os.path.dirname(os.path.abspath(engine.index.path))
+    try:
+        path = tempfile.mkdtemp(prefix=".casengine-bench-index-", dir=base)
+    except OSError:  # the root's index directory is not ours to write in
+        path = tempfile.mkdtemp(prefix="casengine-bench-index-")
+    try:
+        index = LmdbIndex(path, temporary=engine.backend.ephemeral)
+        try:
+            yield Engine(engine.backend, index, chunk_size=engine.chunk_size)
+        finally:
+            index.close()
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- one size ----------------------------------------------------------------------------------
+
+
+class SizeRun:
+    """Limits and engine figures for one size, on one backend."""
+
+    def __init__(self, engine: Engine, scratch: Scratch, size: int, progress: Progress) -> None:
+        self.engine = engine
+        self.backend = engine.backend
+        self.scratch = scratch
+        self.size = size
+        self._progress = progress
+        self.data = b""
+        self.view = memoryview(b"")
+        self.digest = Digest("sha256", "0" * 64)
+        self.limits: dict[str, Limit] = {}
+        self.figures: list[Figure] = []
+        self.range_start = max(0, (size - RANGE) // 2)
+        self.range_len = min(RANGE, size)
+        # the raw-limit object sits where upload staging lives: 'uploads purge' sweeps it
+        # should the bench ever be killed before it cleans up
+        self.raw_key = upload_key(secrets.token_hex(16)) + "/data"
+
+    def step(self, name: str) -> None:
+        self._progress(f"{size_label(self.size)}: {name}")
+
+    def run(self) -> None:
+        self.step("random data")
+        self.data = os.urandom(self.size)
+        self.view = memoryview(self.data)
+        self.digest = Digest("sha256", hashlib.sha256(self.data).hexdigest())
+        try:
+            self.machine_limits()
+            self.backend_limits()
+            self.engine_figures()
+        finally:
+            self.view.release()
+            self.data = b""
+
+    # -- limits
+
+    def limit(self, name: str, run: Callable[[], float], nbytes: int | None = None) -> None:
+        self.step(name)
+        nbytes = self.size if nbytes is None else nbytes
+        mbps, reps = measure(run, nbytes)
+        sha = self.limits["sha256"].mbps if "sha256" in self.limits else mbps
+        self.limits[name] = Limit(name, self.size, nbytes, mbps, reps, mbps / sha)
+
+    def machine_limits(self) -> None:
+        data, view = self.data, self.view
+        self.limit("sha256", lambda: timed(lambda: hashlib.sha256(data).digest()))
+
+        with ThreadPoolExecutor(2, thread_name_prefix="casengine-bench") as pool:
+            def two() -> float:
+                t0 = time.perf_counter()
+                futures = [pool.submit(hashlib.sha256, data) for _ in range(2)]
+                for f in futures:
+                    f.result()
+                return time.perf_counter() - t0
+
+            self.limit("sha256-2t", two, 2 * self.size)
+
+        dest = memoryview(bytearray(min(self.size, LARGE)))
+
+        def copy() -> float:
+            step = len(dest)
+            t0 = time.perf_counter()
+            for off in range(0, len(view), step):
+                n = min(step, len(view) - off)
+                dest[:n] = view[off:off + n]
+            return time.perf_counter() - t0
+
+        self.limit("memcopy", copy)  # the warm-up touches every page of dest
+        dest.release()
+
+        import zstandard
+
+        cctx = zstandard.ZstdCompressor(level=3)
+
+        def compress() -> float:
+            t0 = time.perf_counter()
+            for piece in pieces(view, CHUNK):
+                cctx.compress(piece)
+            return time.perf_counter() - t0
+
+        self.limit("zstd-3", compress)
+
+    def raw_write(self) -> float:
+        backend, key = self.backend, self.raw_key
+        t0 = time.perf_counter()
+        with backend.writer(key) as w:
+            for piece in pieces(self.view, CHUNK):
+                w.write(piece)
+            w.commit(key)
+        return time.perf_counter() - t0
+
+    def backend_limits(self) -> None:
+        backend, key = self.backend, self.raw_key
+        self.scratch.will_write(key)
+
+        def write() -> float:
+            dt = self.raw_write()
+            backend.delete(key)
+            return dt
+
+        self.limit("backend-write", write)
+        self.raw_write()  # the object the reads read; written as the engine's blob will be
+        try:
+            def read() -> float:
+                t0 = time.perf_counter()
+                n = drain(backend.read(key, chunk_size=READ_CHUNK))
+                dt = time.perf_counter() - t0
+                _check(n == self.size, f"raw read of {n} bytes, want {self.size}")
+                return dt
+
+            self.limit("backend-read", read)
+
+            def read_range() -> float:
+                t0 = time.perf_counter()
+                n = drain(backend.read(key, self.range_start, self.range_len,
+                                       chunk_size=READ_CHUNK))
+                dt = time.perf_counter() - t0
+                _check(n == self.range_len, f"raw range read of {n} bytes")
+                return dt
+
+            self.limit("backend-range", read_range, self.range_len)
+        finally:
+            backend.delete(key)
+
+    # -- the engine
+
+    def figure(self, name: str, run: Callable[[], float], nbytes: int | None = None) -> None:
+        self.step(name)
+        nbytes = self.size if nbytes is None else nbytes
+        mbps, reps = measure(run, nbytes)
+        limit = self.limits[FIGURES[name][1]]
+        write = self.limits["backend-write"].mbps if name in WRITING else None
+        self.figures.append(Figure(name, self.size, nbytes, mbps, limit.name, limit.mbps,
+                                   mbps / limit.mbps, reps, write and mbps / write))
+
+    def engine_figures(self) -> None:
+        engine, digest = self.engine, self.digest
+        self.scratch.will_write(blob_key(digest, RAW))
+
+        def ingest() -> float:
+            engine.delete(digest)  # no dedupe: every repetition stores the bytes
+            t0 = time.perf_counter()
+            res = engine.ingest(self.data)
+            dt = time.perf_counter() - t0
+            _check(res.created and res.digest == digest and res.size == self.size,
+                   f"ingest gave {res}, want a new {digest} of {self.size} bytes")
+            return dt
+
+        self.figure("ingest", ingest)  # the last repetition's blob stays for the reads
+
+        def read() -> float:
+            t0 = time.perf_counter()
+            n = drain(engine.read(digest))
+            dt = time.perf_counter() - t0
+            _check(n == self.size, f"Engine.read gave {n} bytes, want {self.size}")
+            return dt
+
+        self.figure("read", read)
+
+        def read_range() -> float:
+            t0 = time.perf_counter()
+            n = drain(engine.read(digest, self.range_start, self.range_len))
+            dt = time.perf_counter() - t0
+            _check(n == self.range_len, f"Engine.read of a range gave {n} bytes")
+            return dt
+
+        self.figure("range-read", read_range, self.range_len)
+
+        uploads = engine.uploads
+        chunk = max(UPLOAD_CHUNK, uploads.min_chunk)
+
+        def upload() -> float:
+            engine.delete(digest)  # else the commit only dedupes
+            t0 = time.perf_counter()
+            upload_id = uploads.start().id
+            self.scratch.will_upload(upload_id)
+            for off in range(0, self.size, chunk):
+                uploads.append(upload_id, self.view[off:off + chunk], off)
+            res = uploads.commit(upload_id, digest)
+            dt = time.perf_counter() - t0
+            self.scratch.uploads.discard(upload_id)  # committed: the session is gone
+            _check(res.created and res.size == self.size, f"upload commit gave {res}")
+            return dt
+
+        self.figure("upload-8m", upload)
+        engine.delete(digest)
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise RuntimeError(f"bench: {what}")
+
+
+# -- the whole run -----------------------------------------------------------------------------
+
+
+def run(engine: Engine, sizes: list[int], progress: Progress | None = None) -> Report:
+    """Measure every limit and figure at each size on ``engine``'s backend; clean up."""
+    report = Report(engine.backend.url, type(engine.backend).__name__, list(sizes),
+                    machine_info())
+    t0 = time.perf_counter()
+    with private_engine(engine) as scratch_engine:
+        scratch = Scratch(engine.backend)
+        try:
+            for size in sizes:
+                one = SizeRun(scratch_engine, scratch, size, progress or (lambda _: None))
+                one.run()
+                report.limits.extend(one.limits.values())
+                report.figures.extend(one.figures)
+        finally:
+            scratch.clean(scratch_engine)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def total_steps(sizes: list[int]) -> int:
+    return len(sizes) * len(STEPS)
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def format_table(report: Report) -> str:
+    m = report.machine
+    lines = [
+        f"casengine bench: {report.root} ({report.backend}), {report.seconds:.0f} s",
+        (f"machine: {m.get('cpu', '?')}, {m.get('cpus')} CPUs, sha_ni={m.get('sha_ni', '?')}, "
+         f"Python {m['python']}, {m['openssl']}"),
+        "",
+        "limits, measured in this run",
+        f"{'limit':<14} {'size':>8} {'MB/s':>9} {'x sha256':>9}  reps",
+    ]
+    for x in report.limits:
+        lines.append(f"{x.name:<14} {size_label(x.size):>8} {x.mbps:>9.0f} "
+                     f"{x.vs_sha256:>9.2f}  {x.reps:>4}")
+    head = (f"{'figure':<14} {'size':>8} {'MB/s':>9}  {'limit':<14} {'limit MB/s':>10} "
+            f"{'ratio':>6}  reps  {'x write':>7}")
+    lines += ["", "casengine, next to its limit", head]
+    for f in report.figures:
+        write = "" if f.ratio_vs_backend_write is None else f"{f.ratio_vs_backend_write:.2f}"
+        lines.append(f"{f.name:<14} {size_label(f.size):>8} {f.mbps:>9.0f}  {f.limit:<14} "
+                     f"{f.limit_mbps:>10.0f} {f.ratio:>6.2f}  {f.reps:>4}  {write:>7}")
+    lines += [
+        "",
+        "MB/s: medians, MB = 10^6 bytes; ratio = MB/s / limit MB/s (1.00 = at the limit);",
+        "x write: a writing figure next to backend-write, the bound when below sha256;",
+        "range figures move 1 MiB per repetition",
+    ]
+    return "\n".join(lines)
+
+
+def plot(report: Report, path: str) -> None:
+    """Throughput against size, writes on the left and reads on the right; limits dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("writing", ("ingest", "upload-8m"),
+         ("sha256", "sha256-2t", "backend-write", "zstd-3", "memcopy")),
+        ("reading", ("read", "range-read"), ("backend-read", "backend-range", "memcopy")),
+    )
+    sizes = sorted(set(report.sizes))
+    colors = {name: f"C{i % 10}" for i, name in enumerate((*FIGURES, *LIMITS))}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    for ax, (title, figures, limits) in zip(axes, panels, strict=True):
+        for name in figures:
+            pts = sorted((f.size, f.mbps) for f in report.figures if f.name == name)
+            ax.plot(*zip(*pts, strict=True), marker="o", linewidth=2, color=colors[name],
+                    label=f"{name} (vs {FIGURES[name][1]})")
+        for name in limits:
+            pts = sorted((x.size, x.mbps) for x in report.limits if x.name == name)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), linestyle="--", marker=".", color=colors[name],
+                        label=f"limit: {name}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(sizes, [size_label(s) for s in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("blob size")
+        ax.set_title(f"{title}: {report.root} ({report.backend})")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0].set_ylabel("MB/s (10^6 bytes/s, median)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["DEFAULT_SIZES", "FIGURES", "LIMITS", "STEPS", "Figure", "Limit", "Report",
+           "format_table", "plot", "run", "total_steps"]

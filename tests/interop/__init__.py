@@ -1,0 +1,1 @@
+"""Interop tests: real clients (skopeo, oras-py) against a real casengine serve."""
