@@ -342,6 +342,22 @@ class RegistryApp:
             headers["OCI-Chunk-Min-Length"] = str(min_chunk)
         await respond(send, 202, headers)
 
+    def _chunk_length(self, request: Request, name: str, upload: str, offset: int) -> int | None:
+        """The declared length of a chunk; its Content-Range must start at ``offset``."""
+        length = request.content_length
+        content_range = request.header("content-range")
+        if not content_range:
+            return length
+        start, end = parse_content_range(content_range)
+        if start != offset:
+            raise HTTPError(416, "BLOB_UPLOAD_INVALID",
+                            f"chunk starts at {start}, the upload is at {offset}",
+                            headers=self._upload_headers(name, upload, offset))
+        if length is not None and length != end - start + 1:
+            raise HTTPError(400, "SIZE_INVALID",
+                            f"Content-Length {length} does not match Content-Range {content_range}")
+        return end - start + 1
+
     async def upload_get(self, request: Request, send: Send, identity: Any, name: str,
                          upload: str) -> None:
         status = await blocking(self.registry.upload_status, name, upload, _owner(identity))
@@ -350,21 +366,9 @@ class RegistryApp:
     async def upload_patch(self, request: Request, send: Send, identity: Any, name: str,
                            upload: str) -> None:
         status = await blocking(self.registry.upload_status, name, upload, _owner(identity))
-        length = request.content_length
-        offset = status.offset
-        content_range = request.header("content-range")
-        if content_range:
-            start, end = parse_content_range(content_range)
-            if start != status.offset:
-                raise HTTPError(416, "BLOB_UPLOAD_INVALID",
-                                f"chunk starts at {start}, the upload is at {status.offset}",
-                                headers=self._upload_headers(name, upload, status.offset))
-            if length is not None and length != end - start + 1:
-                raise HTTPError(400, "SIZE_INVALID", f"Content-Length {length} does not match "
-                                f"Content-Range {content_range}")
-            offset, length = start, end - start + 1
+        length = self._chunk_length(request, name, upload, status.offset)
         status = await blocking(self.registry.append_upload, name, upload, request.body_chunks(),
-                                offset, length=length, owner=_owner(identity))
+                                status.offset, length=length, owner=_owner(identity))
         await respond(send, 202, self._upload_headers(name, upload, status.offset))
 
     async def upload_put(self, request: Request, send: Send, identity: Any, name: str,
@@ -374,25 +378,12 @@ class RegistryApp:
             raise HTTPError(400, "DIGEST_INVALID", "a PUT that ends an upload needs ?digest=")
         d = _digest(digest)
         status = await blocking(self.registry.upload_status, name, upload, _owner(identity))
-        length = request.content_length
-        has_body = bool(length) or "chunked" in (request.header("transfer-encoding") or "")
-        last = None
-        if has_body:
-            content_range = request.header("content-range")
-            if content_range:
-                start, end = parse_content_range(content_range)
-                if start != status.offset:
-                    raise HTTPError(416, "BLOB_UPLOAD_INVALID",
-                                    f"chunk starts at {start}, the upload is at {status.offset}",
-                                    headers=self._upload_headers(name, upload, status.offset))
-                if length is not None and length != end - start + 1:
-                    raise HTTPError(400, "SIZE_INVALID", f"Content-Length {length} does not "
-                                    f"match Content-Range {content_range}")
-                length = end - start + 1
-            last = request.body_chunks()
-        result = await blocking(self.registry.commit_upload, name, upload, d, last=last,
-                                last_length=length if has_body else None,
-                                owner=_owner(identity))
+        has_body = bool(request.content_length) or \
+            "chunked" in (request.header("transfer-encoding") or "")
+        length = self._chunk_length(request, name, upload, status.offset) if has_body else None
+        result = await blocking(self.registry.commit_upload, name, upload, d,
+                                last=request.body_chunks() if has_body else None,
+                                last_length=length, owner=_owner(identity))
         await self._created(send, name, result.digest)
 
     async def upload_delete(self, request: Request, send: Send, identity: Any, name: str,
