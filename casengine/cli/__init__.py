@@ -12,6 +12,7 @@ import sys
 import click
 
 from casengine.cli.auth import auth
+from casengine.cli.bench import bench
 from casengine.cli.blob import blob
 from casengine.cli.check import check, reindex
 from casengine.cli.common import Settings, run_guarded
@@ -40,7 +41,7 @@ def cli(ctx: click.Context, root: str, index: str | None, storage_options: tuple
 
 cli.add_command(blob)
 cli.add_command(uploads)
-for command in (repo, tag, manifest, usage, quota, serve, auth, gc, check, reindex):
+for command in (repo, tag, manifest, usage, quota, serve, auth, gc, check, reindex, bench):
     cli.add_command(command)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -83,14 +84,18 @@ def bench(ctx: click.Context, sizes: list[int], as_json: bool, plot_file: str | 
 
     The limits are measured first, in the same run: hashlib sha256 on one and on two
     threads, a memory copy, zstd level 3, and the backend's raw write, read and range read.
-    Each casengine figure is printed next to its limit, with the ratio (1.00 = at the
-    limit). Everything written is removed again; the root's index is never touched.
+    Then each casengine figure runs alternately with its limit and is printed next to it,
+    with the ratio (1.00 = at the limit). Everything written is removed again; the root's
+    index is never touched.
     """
     from casengine import bench as measuring
     from casengine.errors import MissingExtra
 
-    if plot_file is not None and importlib.util.find_spec("matplotlib") is None:
-        raise MissingExtra("--plot needs matplotlib: pip install matplotlib")
+    if plot_file is not None:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise MissingExtra("--plot needs matplotlib: pip install matplotlib")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(plot_file))):
+            raise click.BadParameter(f"{plot_file}: no such directory", param_hint="--plot")
     bar = _Bar(measuring.total_steps(sizes)) if sys.stderr.isatty() else None
     try:
         with _sigterm_interrupts(), engine_from(ctx) as engine:
@@ -98,9 +103,9 @@ def bench(ctx: click.Context, sizes: list[int], as_json: bool, plot_file: str | 
     finally:
         if bar is not None:
             bar.close()
-    if plot_file is not None:
-        measuring.plot(report, plot_file)
     if as_json:
         emit_json(report.as_dict())
     else:
         click.echo(measuring.format_table(report))
+    if plot_file is not None:  # after the figures are out: a failing plot loses nothing
+        measuring.plot(report, plot_file)
