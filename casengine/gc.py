@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from casengine.digest import Digest
-from casengine.errors import Conflict
+from casengine.errors import Conflict, NotFound
 from casengine.index import Txn, unpack_blob
 from casengine.layout import BLOBS, blob_key, link_key, parse_blob_key
 from casengine.leases import is_live, new_lease
@@ -128,6 +128,8 @@ class Collector:
         self.workers = workers
         self.progress = progress or (lambda stage, n: None)
         self.cutoff = 0.0
+        #: dry run only: (repo, digest) -> references the planned deletions would drop
+        self._released: dict[bytes, int] = {}
 
     def run(self) -> GCReport:
         report = GCReport(self.dry_run, self.grace, self.untagged)
@@ -187,15 +189,56 @@ class Collector:
 
     def _sweep_manifests(self, report: GCReport) -> None:
         for repo in list(self.registry.repositories()):
-            kept, records = self._kept_manifests(repo)
-            for record in records:
-                if record.digest in kept or self._young(record.digest):
-                    continue
-                if self.dry_run or self.registry.delete_manifest(
-                        repo, record.digest, guard=self._manifest_guard(repo, record)):
-                    report.manifests += 1
-                    report.repo(repo).manifests += 1
-                self.progress("manifests", 1)
+            planned: set[str] = set()
+            # a child or referrer is released only once its parent or subject is gone, so
+            # go round until a pass deletes nothing
+            while True:
+                try:
+                    kept, records = self._kept_manifests(repo)
+                except NotFound:
+                    break  # the repository was deleted meanwhile
+                deleted = 0
+                for record in records:
+                    if record.digest in kept or record.digest in planned \
+                            or self._young(record.digest):
+                        continue
+                    if self.dry_run:
+                        took = self._dry_would_delete(repo, record, planned)
+                        if took:
+                            planned.add(record.digest)
+                            self._release(repo, record)
+                    else:
+                        try:
+                            took = self.registry.delete_manifest(
+                                repo, record.digest, guard=self._manifest_guard(repo, record))
+                        except NotFound:
+                            continue  # deleted by a client meanwhile
+                    if took:
+                        deleted += 1
+                        report.manifests += 1
+                        report.repo(repo).manifests += 1
+                        self.progress("manifests", 1)
+                if not deleted:
+                    break
+
+    def _dry_would_delete(self, repo: str, record: Any, planned: set[str]) -> bool:
+        """The real run's guard, against the index as it would be after ``planned``."""
+        with self.index.transaction() as txn:
+            if any(v.decode() == record.digest for _, v in txn.scan("tags", _k(repo, ""))):
+                return False
+            holders = self._released.get(_k(repo, record.digest), 0)
+            refs = txn.get("refs", _k(repo, record.digest))
+            if refs is not None and _REF.unpack(refs)[0] - holders > 1:
+                return False
+            subject = record.subject
+            return subject is None or subject in planned or \
+                txn.get("manifests", _k(repo, subject)) is None
+
+    def _release(self, repo: str, record: Any) -> None:
+        """In a dry run: the references a planned manifest deletion would drop."""
+        for ref in (record.digest, *record.refs):
+            key = _k(repo, ref)
+            self._released[key] = self._released.get(key, 0) + 1
 
     def _manifest_guard(self, repo: str, record: Any) -> Callable[[Txn], bool]:
         def unreferenced(txn: Txn) -> bool:
@@ -222,7 +265,7 @@ class Collector:
             with self.index.transaction() as txn:
                 dead = [(k.split(b"\0", 1)[1].decode(), link_time(v))
                         for k, v in txn.scan("links", _k(repo, ""))
-                        if link_time(v) < self.cutoff and txn.get("refs", k) is None]
+                        if link_time(v) < self.cutoff and self._unreferenced(txn, k)]
             for digest, _ in dead:
                 if self.dry_run or self._unlink_if_dead(repo, digest):
                     record = self.index.get_blob(digest)
@@ -232,6 +275,10 @@ class Collector:
                     report.repo(repo).bytes += size
                     self.progress("links", 1)
 
+    def _unreferenced(self, txn: Txn, key: bytes) -> bool:
+        refs = txn.get("refs", key)
+        return refs is None or _REF.unpack(refs)[0] <= self._released.get(key, 0)
+
     def _unlink_if_dead(self, repo: str, digest: str) -> bool:
         key = _k(repo, digest)
         with self.index.transaction(write=True) as txn:
@@ -240,7 +287,12 @@ class Collector:
                 return False
             txn.delete("links", key)
             txn.delete("linked", _k(digest, repo))
-        self.engine.backend.delete(link_key(repo, Digest.parse(digest)))
+        record = link_key(repo, Digest.parse(digest))
+        self.engine.backend.delete(record)
+        with self.index.transaction() as txn:
+            relinked = txn.get("links", key) is not None
+        if relinked:  # a push linked it again meanwhile: its backend record must stay
+            self.engine.backend.put(record, b"")
         return True
 
     # -- 3. blobs -------------------------------------------------------------------------
@@ -291,7 +343,7 @@ class Collector:
         dead: set[bytes] = set()
         with self.index.transaction() as txn:
             for k, v in txn.scan("links"):
-                if link_time(v) < self.cutoff and txn.get("refs", k) is None:
+                if link_time(v) < self.cutoff and self._unreferenced(txn, k):
                     repo, digest = k.decode().split("\0", 1)
                     dead.add(_k(digest, repo))
         return dead
@@ -316,13 +368,15 @@ class Collector:
                 txn.delete("blobs", key)
                 txn.put("deleting", key, json.dumps(lease).encode())
                 taken.append((digest, record.codec, record.stored_size))
-        list(pool.map(lambda t: self.engine.backend.delete(blob_key(Digest.parse(t[0]), t[1])),
-                      taken))
-        with self.index.transaction(write=True) as txn:
-            for digest, _, _ in taken:
-                value = txn.get("deleting", digest.encode())
-                if value is not None and json.loads(value)["token"] == lease["token"]:
-                    txn.delete("deleting", digest.encode())
+        try:
+            list(pool.map(
+                lambda t: self.engine.backend.delete(blob_key(Digest.parse(t[0]), t[1])), taken))
+        finally:  # a failed delete leaves an orphan object, never a lease that blocks pushes
+            with self.index.transaction(write=True) as txn:
+                for digest, _, _ in taken:
+                    value = txn.get("deleting", digest.encode())
+                    if value is not None and json.loads(value)["token"] == lease["token"]:
+                        txn.delete("deleting", digest.encode())
         report.blobs += len(taken)
         report.bytes += sum(size for _, _, size in taken)
         self.progress("blobs", len(batch))
@@ -333,6 +387,27 @@ class Collector:
         purged = self.engine.uploads.purge(dry_run=self.dry_run)
         report.uploads = len(purged.sessions)
         report.upload_bytes = purged.bytes
+
+    def _take_orphan(self, key: str, digest: Digest, codec: str) -> bool:
+        """Delete an orphan object under a ``deleting`` lease, taken only while no record
+        names it: a re-push of the same bytes then waits instead of adopting it."""
+        name = str(digest).encode()
+        lease = new_lease()
+        with self.index.transaction(write=True) as txn:
+            value = txn.get("blobs", name)
+            if value is not None and unpack_blob(name, value).codec == codec:
+                return False  # recorded meanwhile
+            if txn.get("deleting", name) is not None:
+                return False
+            txn.put("deleting", name, json.dumps(lease).encode())
+        try:
+            self.engine.backend.delete(key)
+        finally:
+            with self.index.transaction(write=True) as txn:
+                value = txn.get("deleting", name)
+                if value is not None and json.loads(value)["token"] == lease["token"]:
+                    txn.delete("deleting", name)
+        return True
 
     def _sweep_orphans(self, report: GCReport) -> None:
         cutoff = time.time() - max(self.grace, ORPHAN_MIN_AGE)
@@ -351,11 +426,12 @@ class Collector:
                 continue
             if info.mtime >= cutoff:
                 continue
-            with self.index.transaction() as txn:
-                if txn.get("deleting", str(digest).encode()) is not None:
-                    continue
-            if not self.dry_run:
-                backend.delete(key)
+            if self.dry_run:
+                with self.index.transaction() as txn:
+                    if txn.get("deleting", str(digest).encode()) is not None:
+                        continue
+            elif not self._take_orphan(key, digest, codec):
+                continue
             report.orphans += 1
             report.orphan_bytes += info.size
             self.progress("orphans", 1)

@@ -257,8 +257,12 @@ class LmdbIndex(Index):
 
     @contextlib.contextmanager
     def transaction(self, *, write: bool = False) -> Iterator[Txn]:
-        with self.env.begin(write=write) as txn:
-            yield _LmdbTxn(txn, self._dbs)
+        try:
+            with self.env.begin(write=write) as txn:
+                yield _LmdbTxn(txn, self._dbs)
+        except lmdb.Error as exc:
+            raise BackendError(f"the index at {self.path} is damaged ({exc}): stop the "
+                               "registry and run 'casengine reindex'") from exc
 
     def close(self) -> None:
         self.env.close()

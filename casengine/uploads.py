@@ -38,6 +38,7 @@ from casengine.errors import (
     Conflict,
     DigestMismatch,
     InvalidInput,
+    NotFound,
     OffsetMismatch,
     SizeMismatch,
     UploadNotFound,
@@ -289,6 +290,10 @@ class Uploads:
             upload_id = key[len(UPLOADS):].split("/", 1)[0]
             if upload_id in seen or self.engine.index.get_upload(upload_id) is not None:
                 continue
-            if backend.stat(key).mtime <= cutoff:
+            try:
+                mtime = backend.stat(key).mtime
+            except NotFound:
+                continue  # committed or cancelled while we looked
+            if mtime <= cutoff:
                 seen.add(upload_id)
                 backend.discard_upload(upload_key(upload_id), {})

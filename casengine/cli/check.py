@@ -66,7 +66,7 @@ def check(ctx: click.Context, mode: str, pattern: str | None, repair: bool, work
             click.echo(f"{f.kind}: {f.digest or '-'}: {f.detail}"
                        + (f" [affects {', '.join(f.affected)}]" if f.affected else "")
                        + (f" -> {f.repaired}" if f.repaired else ""))
-        if report.clean:
+        if report.clean and report.complete:
             click.echo("clean")
     if report.findings and not (repair and all(f.repaired for f in report.findings)):
         ctx.exit(EXIT_PROBLEMS)

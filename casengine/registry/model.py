@@ -242,7 +242,10 @@ class Registry:
             sources = [r for r in self.repositories() if r != repo]
         for source in sources:
             if (readable is None or readable(source)) and self.is_linked(source, d):
-                record = self.engine.stat(d)
+                try:
+                    record = self.engine.stat(d)
+                except BlobNotFound:
+                    continue  # collected meanwhile: the client falls back to an upload
                 self.quotas.check_blob(repo, record.size, d)
                 self._for_push(repo)
                 self.link(repo, d)
@@ -297,9 +300,7 @@ class Registry:
         else:
             tag = check_tag(reference)
         self._may_push(repo)
-        self._check_references(repo, manifest)
-        refs = tuple(dict.fromkeys(str(d.digest) for d in (*manifest.blobs, *manifest.children)
-                                   if self.is_linked(repo, d.digest)))
+        refs = self._check_references(repo, manifest)
         sizes = {str(manifest.digest): manifest.size}
         for d in (*manifest.blobs, *manifest.children):
             sizes.setdefault(str(d.digest), d.size)
@@ -319,26 +320,39 @@ class Registry:
                 txn.put("tags", _k(repo, tag), str(manifest.digest).encode())
         return manifest
 
-    def _check_references(self, repo: str, manifest: Manifest) -> None:
+    def _check_references(self, repo: str, manifest: Manifest) -> tuple[str, ...]:
+        """What the manifest keeps, once each: every blob (a foreign layer only if pushed)
+        and every child. The recording transaction checks them all again."""
+        refs: list[str] = []
         for blob in manifest.blobs:
-            if blob.foreign and not self.is_linked(repo, blob.digest):
+            linked = self.is_linked(repo, blob.digest)
+            if blob.foreign and not linked:
                 continue
-            if not self.is_linked(repo, blob.digest):
+            if not linked:
                 raise ManifestBlobUnknown(repo, blob.digest)
-            stored = self.engine.stat(blob.digest).size
+            try:
+                stored = self.engine.stat(blob.digest).size
+            except BlobNotFound:
+                raise ManifestBlobUnknown(repo, blob.digest) from None
             if stored != blob.size:
                 raise ManifestInvalid(
                     f"descriptor of {blob.digest} says {blob.size} bytes, the blob has {stored}")
+            refs.append(str(blob.digest))
         for child in manifest.children:
             if self._manifest_record(repo, str(child.digest)) is None:
                 raise ManifestBlobUnknown(repo, child.digest, "manifest")
+            refs.append(str(child.digest))
+        return tuple(dict.fromkeys(refs))
 
     def _record_manifest(self, txn: Txn, record: ManifestRecord, manifest: Manifest,
                          sizes: dict[str, int]) -> None:
         repo, key = record.repository, _k(record.repository, record.digest)
+        children = {str(c.digest) for c in manifest.children}
         for ref in record.refs:  # again, inside the transaction: an unlink may have raced
             if txn.get("links", _k(repo, ref)) is None:
                 raise ManifestBlobUnknown(repo, ref)
+            if ref in children and txn.get("manifests", _k(repo, ref)) is None:
+                raise ManifestBlobUnknown(repo, ref, "manifest")
         add_link(txn, repo, record.digest)
         if txn.get("manifests", key) is not None:
             return  # the same bytes again: nothing new is referenced
