@@ -330,8 +330,9 @@ class RegistryApp:
         digest = request.query.get("digest")
         if digest is not None:
             d = _digest(digest)
-            result = await blocking(self.registry.ingest_blob, name, request.body_chunks(),
-                                    digest=d, size=request.content_length)
+            async with request.body_stream() as body:
+                result = await blocking(self.registry.ingest_blob, name, body,
+                                        digest=d, size=request.content_length)
             await self._created(send, name, result.digest)
             return
         await request.drain()
@@ -367,8 +368,9 @@ class RegistryApp:
                            upload: str) -> None:
         status = await blocking(self.registry.upload_status, name, upload, _owner(identity))
         length = self._chunk_length(request, name, upload, status.offset)
-        status = await blocking(self.registry.append_upload, name, upload, request.body_chunks(),
-                                status.offset, length=length, owner=_owner(identity))
+        async with request.body_stream() as body:
+            status = await blocking(self.registry.append_upload, name, upload, body,
+                                    status.offset, length=length, owner=_owner(identity))
         await respond(send, 202, self._upload_headers(name, upload, status.offset))
 
     async def upload_put(self, request: Request, send: Send, identity: Any, name: str,
@@ -381,9 +383,10 @@ class RegistryApp:
         has_body = bool(request.content_length) or \
             "chunked" in (request.header("transfer-encoding") or "")
         length = self._chunk_length(request, name, upload, status.offset) if has_body else None
-        result = await blocking(self.registry.commit_upload, name, upload, d,
-                                last=request.body_chunks() if has_body else None,
-                                last_length=length, owner=_owner(identity))
+        async with request.body_stream() as body:
+            result = await blocking(self.registry.commit_upload, name, upload, d,
+                                    last=body if has_body else None,
+                                    last_length=length, owner=_owner(identity))
         await self._created(send, name, result.digest)
 
     async def upload_delete(self, request: Request, send: Send, identity: Any, name: str,

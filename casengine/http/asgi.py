@@ -1,20 +1,22 @@
 """The little of ASGI the adapter needs: typed aliases, a request, responses, one error type.
 
 Blocking engine work runs in worker threads (:func:`blocking`); request bodies reach it as a
-plain iterator of byte chunks that pulls from the event loop on demand (:meth:`Request.body_chunks`),
+plain iterator of byte chunks that the event loop reads ahead (:meth:`Request.body_stream`),
 so a body streams into the engine with back-pressure and bounded memory, never buffered whole.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+import queue
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
 import anyio
-import anyio.from_thread
 import anyio.to_thread
 
 Scope = MutableMapping[str, Any]
@@ -121,12 +123,49 @@ class Request:
             return None
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def body_chunks(self) -> Iterator[bytes]:
-        """The body, for a worker thread: each step pulls about 1 MiB from the event loop."""
-        while (chunk := anyio.from_thread.run(self._take, BODY_BATCH)) is not None:
-            yield chunk
-        if self.content_length is not None and self.bytes_in < self.content_length:
-            raise ClientGone
+    @contextlib.asynccontextmanager
+    async def body_stream(self, depth: int = 8) -> AsyncIterator[Iterator[bytes]]:
+        """The body as an iterator for a worker thread, read ahead by the event loop.
+
+        A task on the loop receives up to ``depth`` batches of about 1 MiB ahead of the
+        worker, so receiving overlaps hashing and writing instead of taking turns with
+        them; memory stays bounded at ``depth`` batches. Leaving the block stops the task.
+        """
+        loop = asyncio.get_running_loop()
+        ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        room = asyncio.Semaphore(depth)
+
+        async def pump() -> None:
+            try:
+                while True:
+                    await room.acquire()
+                    chunk = await self._take(BODY_BATCH)
+                    if chunk is None:
+                        break
+                    ready.put(chunk)
+                ready.put(_END)
+            except asyncio.CancelledError:
+                ready.put(_END)
+                raise
+            except BaseException as exc:  # noqa: BLE001 - handed to the worker to raise
+                ready.put(_Failed(exc))
+
+        def chunks() -> Iterator[bytes]:
+            while (item := ready.get()) is not _END:
+                if isinstance(item, _Failed):
+                    raise item.exc
+                loop.call_soon_threadsafe(room.release)
+                yield item
+            if self.content_length is not None and self.bytes_in < self.content_length:
+                raise ClientGone
+
+        task = loop.create_task(pump())
+        try:
+            yield chunks()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def body(self, limit: int) -> bytes:
         """The whole (small) body; more than ``limit`` bytes is an error."""
@@ -151,6 +190,14 @@ class Request:
 
 class ClientGone(Exception):
     """The client closed the connection before its body was complete."""
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_END = object()
 
 
 async def respond(send: Send, status: int, headers: dict[str, str], body: bytes = b"",
