@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any, ClassVar, Protocol, Self, runtime_checkable
@@ -257,9 +257,12 @@ class Backend(ABC):
         for k in list(self.list(key + "/")):
             self.delete(k)
 
-    def purge_staging(self, older_than: float) -> int:
+    def purge_staging(self, older_than: float,
+                      in_use: Callable[[str], bool] = lambda key: False) -> int:
         """Drop abandoned staging state only the backend can see (S3: multipart uploads
-        started before the unix time ``older_than``); return how many. Default: none."""
+        idle since before the unix time ``older_than``); return how many. ``in_use(key)``
+        says whether the upload prefix ``key`` still belongs to a live session, which is
+        never touched. Default: nothing to drop."""
         return 0
 
     def default_index_path(self) -> str | None:

@@ -280,7 +280,9 @@ class Uploads:
             reclaimed += rec["offset"]
         if not dry_run:
             self._purge_orphans(cutoff)
-            self.engine.backend.purge_staging(cutoff)
+            index = self.engine.index
+            self.engine.backend.purge_staging(
+                cutoff, lambda key: index.get_upload(key.rpartition("/")[2]) is not None)
         return PurgeReport(swept, reclaimed, dry_run)
 
     def _purge_orphans(self, cutoff: float) -> None:
