@@ -28,6 +28,8 @@ from casengine.errors import InvalidInput
 #: Chunk size for reading streams and files: large enough that per-chunk overhead vanishes
 #: next to hashing, small enough that the buffer pool stays a few MiB.
 CHUNK = 4 << 20
+#: A chunk this big starts the writer thread at once; smaller blobs may need none.
+THREAD_AT = 1 << 20
 #: Buffers in flight per ingest (read ahead, hashing, writing); bounds memory at POOL * CHUNK.
 POOL = 6
 
@@ -172,7 +174,8 @@ def open_source(source: Source, pool: BufferPool, size: int = CHUNK) -> Iterator
 class WritePipeline:
     """Writes chunks to a backend :class:`Writer` on a second thread, xxh3 alongside.
 
-    The thread starts only when a second chunk arrives, so a small blob costs no thread.
+    The thread starts with the first large chunk, or when a second chunk arrives, so a
+    small blob costs no thread and a big one overlaps from its first byte.
     Use as a context manager; :meth:`finish` waits for the writes and re-raises their error.
     """
 
@@ -205,13 +208,14 @@ class WritePipeline:
         if self._error is not None:
             raise self._error
         if self._thread is None:
-            if self._first is None:
+            if self._first is None and len(chunk[0]) < THREAD_AT:
                 self._first = chunk
                 return
             self._thread = threading.Thread(target=self._run, name="casengine-writer", daemon=True)
             self._thread.start()
-            self._queue.put(self._first)
-            self._first = None
+            if self._first is not None:
+                self._queue.put(self._first)
+                self._first = None
         self._queue.put(chunk)
 
     def finish(self) -> None:
