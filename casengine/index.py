@@ -101,8 +101,13 @@ class Index(ABC):
     """Tables in transactions; the typed operations below are built on :meth:`transaction`."""
 
     @abstractmethod
-    def transaction(self, *, write: bool = False) -> AbstractContextManager[Txn]:
-        """A transaction; a write one commits when the block ends without an exception."""
+    def transaction(self, *, write: bool = False,
+                    durable: bool = True) -> AbstractContextManager[Txn]:
+        """A transaction; a write one commits when the block ends without an exception.
+
+        A durable commit is on disk when the block ends. ``durable=False`` is for records
+        whose loss in a power cut is harmless (a lease); it still survives ``kill -9``.
+        """
 
     def close(self) -> None:
         """Release the store. The default has nothing to release."""
@@ -181,15 +186,15 @@ class Index(ABC):
             value = txn.get("uploads", upload_id.encode())
         return None if value is None else json.loads(value)
 
-    def update_upload(self, upload_id: str,
-                      change: Callable[[dict | None], dict | None]) -> dict | None:
+    def update_upload(self, upload_id: str, change: Callable[[dict | None], dict | None],
+                      *, durable: bool = True) -> dict | None:
         """Atomically replace the record with ``change(old)``; None deletes it.
 
         ``change`` runs inside the write transaction, so no other thread or process can
         change the record in between; it may raise to leave the record as it was.
         """
         key = upload_id.encode()
-        with self.transaction(write=True) as txn:
+        with self.transaction(write=True, durable=durable) as txn:
             old = txn.get("uploads", key)
             new = change(None if old is None else json.loads(old))
             if new is None:
@@ -241,11 +246,11 @@ class LmdbIndex(Index):
         self._temporary = temporary
         try:
             os.makedirs(path, exist_ok=True)
+            # Commits are flushed explicitly (env.sync) when durable, so a transaction that
+            # need not survive a power cut skips the fsync; a temporary index never syncs.
             self.env = lmdb.open(
                 path, map_size=map_size, max_dbs=len(TABLES) + 4, max_readers=1024,
-                subdir=True,
-                # a temporary index dies with the process: no point paying for fsync
-                sync=not temporary, metasync=not temporary,
+                subdir=True, sync=False, metasync=False,
             )
             self._dbs = {name: self.env.open_db(name.encode()) for name in TABLES}
         except (OSError, lmdb.Error) as exc:
@@ -256,10 +261,12 @@ class LmdbIndex(Index):
         return cls(tempfile.mkdtemp(prefix="casengine-index-"), temporary=True)
 
     @contextlib.contextmanager
-    def transaction(self, *, write: bool = False) -> Iterator[Txn]:
+    def transaction(self, *, write: bool = False, durable: bool = True) -> Iterator[Txn]:
         try:
             with self.env.begin(write=write) as txn:
                 yield _LmdbTxn(txn, self._dbs)
+            if write and durable and not self._temporary:
+                self.env.sync(True)
         except lmdb.Error as exc:
             raise BackendError(f"the index at {self.path} is damaged ({exc}): stop the "
                                "registry and run 'casengine reindex'") from exc

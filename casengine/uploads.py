@@ -93,13 +93,15 @@ class Uploads:
 
     # -- session records ------------------------------------------------------------------
 
-    def _change(self, upload_id: str, change: Callable[[dict], dict | None]) -> dict | None:
+    def _change(self, upload_id: str, change: Callable[[dict], dict | None], *,
+                durable: bool = True) -> dict | None:
         def guarded(old: dict | None) -> dict | None:
             if old is None:
                 raise UploadNotFound(upload_id)
             return change(old)
 
-        return self.engine.index.update_upload(self._check_id(upload_id), guarded)
+        return self.engine.index.update_upload(self._check_id(upload_id), guarded,
+                                               durable=durable)
 
     @staticmethod
     def _check_id(upload_id: str) -> str:
@@ -118,7 +120,8 @@ class Uploads:
                 raise Conflict(f"upload {upload_id} is busy with another request; retry")
             return {**rec, "lease": lease}
 
-        rec = self._change(upload_id, claim)
+        # a lease lost in a power cut is harmless: its holder died with the machine
+        rec = self._change(upload_id, claim, durable=False)
         assert rec is not None
         return rec, lease["token"]
 
