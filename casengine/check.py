@@ -35,7 +35,7 @@ import xxhash
 from casengine.digest import Digest, Hasher
 from casengine.errors import NotFound
 from casengine.index import BlobRecord, pack_blob, unpack_blob
-from casengine.layout import BLOBS, blob_key, parse_blob_key
+from casengine.layout import BLOBS, blob_key, link_key, manifest_key, parse_blob_key, repo_key
 
 if TYPE_CHECKING:
     from casengine.registry import Registry
@@ -331,6 +331,7 @@ class Checker:
             if not self._selected(repo):
                 continue
             manifests = {m.digest: m for m in reg.manifests(repo)}
+            self._compare_records(report, repo, manifests)
             for tag, digest in reg.tag_map(repo).items():
                 if digest not in manifests or not self.engine.exists(digest):
                     f = self._find(report, "dangling-tag", digest,
@@ -369,6 +370,68 @@ class Checker:
                         with self.index.transaction(write=True) as txn:
                             txn.delete("referrers", k)
                         f.repaired = "entry removed"
+
+    def _compare_records(self, report: CheckReport, repo: str, manifests: dict[str, Any]) -> None:
+        """The backend's records of ``repo`` (what reindex would rebuild) against the index.
+
+        Writes reach the backend first, so where the two disagree the backend holds the
+        later truth: repair brings the index to it (or, for a record the backend lost,
+        writes the record again from the index).
+        """
+        reg = self.registry
+        prefix = repo_key(repo, "_tags/")
+        stored = {}
+        for key in self.backend.list(prefix):
+            try:
+                stored[key[len(prefix):]] = self.backend.get(key).decode().strip()
+            except NotFound:
+                continue
+        indexed = reg.tag_map(repo)
+        for tag in sorted(set(stored) | set(indexed)):
+            here, there = indexed.get(tag), stored.get(tag)
+            if here == there:
+                continue
+            if here is None:
+                detail = f"tag {repo}:{tag} is in the backend ({there}) but not in the index"
+            elif there is None:
+                detail = f"tag {repo}:{tag} is in the index ({here}) but not in the backend"
+            else:
+                detail = f"tag {repo}:{tag} is {here} in the index but {there} in the backend"
+            f = self._find(report, "tag-record", here or there, detail)
+            f.affected = sorted({*f.affected, f"{repo}:{tag}"})
+            if self.repair:
+                f.repaired = self._repair_tag(repo, tag, there, manifests)
+        for kind, key_of, present in (
+                ("link-record", link_key, lambda d: reg.is_linked(repo, d)),
+                ("manifest-record", manifest_key, lambda d: d in manifests)):
+            table_prefix = repo_key(repo, "_links/" if kind == "link-record" else "_manifests/")
+            in_backend = {"{}:{}".format(*k[len(table_prefix):].split("/", 1))
+                          for k in self.backend.list(table_prefix) if "/" in k[len(table_prefix):]}
+            with self.index.transaction() as txn:
+                table = "links" if kind == "link-record" else "manifests"
+                in_index = {k.split(b"\0", 1)[1].decode()
+                            for k, _ in txn.scan(table, f"{repo}\0".encode())}
+            for digest in sorted(in_index - in_backend):
+                f = self._find(report, kind, digest,
+                               f"{repo}: {digest} is in the index but has no backend record")
+                if self.repair and present(digest):
+                    self.backend.put(key_of(repo, Digest.parse(digest)), b"")
+                    f.repaired = "backend record written"
+            for digest in sorted(in_backend - in_index):
+                self._find(report, kind, digest, f"{repo}: the backend records {digest}, the "
+                           "index does not (casengine reindex restores it)")
+
+    def _repair_tag(self, repo: str, tag: str, there: str | None,
+                    manifests: dict[str, Any]) -> str:
+        if there is None:  # the backend lost it: write it again from the index
+            digest = self.registry.tag_map(repo)[tag]
+            self.backend.put(repo_key(repo, "_tags", tag), digest.encode())
+            return "backend record written"
+        if there not in manifests:
+            return "left: the backend's manifest is not in the index (run reindex)"
+        with self.index.transaction(write=True) as txn:
+            txn.put("tags", f"{repo}\0{tag}".encode(), there.encode())
+        return "index updated from the backend"
 
     def _check_uploads(self, report: CheckReport) -> None:
         ttl = self.upload_ttl if self.upload_ttl is not None else self.engine.uploads.ttl
