@@ -814,6 +814,19 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch, engine: Engine, delay: float =
             running[0] -= 1
 
     monkeypatch.setattr(engine.backend, "read", read)
+    real_path = getattr(engine.backend, "local_path", None)
+    if real_path is not None:  # check reads local objects straight from their files
+
+        def local_path(key: str) -> str:
+            if key.startswith("blobs/"):
+                counts[key] = counts.get(key, 0) + 1
+                running[0] += 1
+                running[1] = max(running[1], running[0])
+                time.sleep(delay)
+                running[0] -= 1
+            return real_path(key)
+
+        monkeypatch.setattr(engine.backend, "local_path", local_path)
     return counts, running
 
 
