@@ -8,6 +8,7 @@ the one place where access is decided.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -292,7 +293,10 @@ class RegistryApp:
             if parts is not None:
                 await send({"type": "http.response.body",
                             "body": (b"\r\n" if i else b"") + parts[i], "more_body": True})
-            while (chunk := await blocking(next, chunks, None)) is not None:
+            # read the next chunk while this one is sent: disk and socket overlap
+            upcoming = asyncio.ensure_future(blocking(next, chunks, None))
+            while (chunk := await upcoming) is not None:
+                upcoming = asyncio.ensure_future(blocking(next, chunks, None))
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
