@@ -10,7 +10,6 @@ import base64
 import gzip
 import hashlib
 import hmac
-import importlib
 import io
 import json
 import os
@@ -23,15 +22,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx
-import pytest
 
 from casengine.credentials import Credentials, Grant
 from casengine.engine import Engine
 from casengine.registry import Registry
+from tests.clients import require_module, require_tool  # noqa: F401 - re-exported
 from tests.helpers import casengine_command
 
 LOOPBACK = "127.0.0.1"
@@ -39,36 +37,6 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-
-INSTALL = {
-    "skopeo": "apt-get install -y --no-install-recommends skopeo (Debian/Ubuntu package)",
-    "oras": "pip install oras (oras-py, in the dev extra)",
-}
-
-
-# -- the house rule on missing clients: skip on a laptop, fail under CI=true ------------------
-
-
-def _missing(what: str, how: str) -> NoReturn:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} is missing and CI=true, where a missing tool is a failure, not a "
-                    f"skip. Install it: {how}", pytrace=False)
-    pytest.skip(f"{what} is not installed on this machine (install: {how})")
-
-
-def require_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        _missing(f"the '{name}' command", INSTALL.get(name, f"install {name}"))
-    return path
-
-
-def require_module(name: str) -> ModuleType:
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        _missing(f"the Python package '{name}'", INSTALL.get(name, f"pip install {name}"))
-
 
 # -- digests, tokens, errors ----------------------------------------------------------------
 
