@@ -30,7 +30,7 @@ from casengine.credentials import Credentials, Grant
 from casengine.engine import Engine
 from casengine.registry import Registry
 from tests.clients import require_module, require_tool  # noqa: F401 - re-exported
-from tests.helpers import casengine_command
+from tests.helpers import casengine_command, stop_process
 
 LOOPBACK = "127.0.0.1"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -168,15 +168,7 @@ class AuthServer:
     def stop(self) -> int | None:
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(15)
-        self._log_file.close()
-        code, self.process = self.process.returncode, None
+        code, self.process = stop_process(self.process, self._log_file), None
         return code
 
     def log_text(self) -> str:

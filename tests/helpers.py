@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from casengine.backend import Backend, Buffer, ObjectInfo, Writer
 from casengine.engine import Engine
@@ -203,6 +204,36 @@ class FailingBackend(WrappedBackend):
 
 
 # -- the command line ----------------------------------------------------------------------
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert proc.stderr == b""
+    return proc.stdout.decode()
+
+
+def one_line_error(proc: subprocess.CompletedProcess, code: int) -> str:
+    """Exit ``code``, nothing on stdout, exactly one line on stderr, no traceback."""
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == code, (proc.returncode, err)
+    assert "Traceback" not in err
+    assert err.endswith("\n") and err.count("\n") == 1, f"want one line, got {err!r}"
+    assert err.startswith("casengine: error: "), err
+    assert proc.stdout == b""
+    return err
+
+
+def stop_process(process: subprocess.Popen, log_file: IO[bytes]) -> int:
+    """Stop a server: SIGTERM, then SIGKILL after 15 s; close its log; its exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(15)
+    log_file.close()
+    return process.returncode
 
 
 def casengine_command() -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 
 from casengine.engine import Engine
 from casengine.errors import BlobNotFound, ConfigError, IntegrityError, InvalidInput
-from tests.helpers import MIB, casengine_command, digest_of, run_cli
+from tests.helpers import MIB, casengine_command, digest_of, ok, one_line_error, run_cli
 
 
 @pytest.fixture
@@ -23,23 +23,6 @@ def root(tmp_path: Path) -> Path:
 def cli(root: Path, *args: str, cwd: Path | None = None, input: bytes | None = None,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return run_cli(["--root", str(root), *args], cwd=cwd or root.parent, input=input, env=env)
-
-
-def ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
-    assert proc.stderr == b""
-    return proc.stdout.decode()
-
-
-def one_line_error(proc: subprocess.CompletedProcess, code: int) -> str:
-    """Exit ``code``, nothing on stdout, exactly one line on stderr, no traceback."""
-    err = proc.stderr.decode(errors="replace")
-    assert proc.returncode == code, (proc.returncode, err)
-    assert "Traceback" not in err
-    assert err.endswith("\n") and err.count("\n") == 1, f"want one line, got {err!r}"
-    assert err.startswith("casengine: error: "), err
-    assert proc.stdout == b""
-    return err
 
 
 def test_exit_codes_match_the_errors() -> None:

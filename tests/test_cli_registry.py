@@ -14,7 +14,7 @@ import pytest
 from casengine.engine import Engine
 from casengine.errors import QuotaExceeded
 from casengine.registry import Registry, usage
-from tests.helpers import digest_of, run_cli
+from tests.helpers import digest_of, ok, one_line_error, run_cli
 from tests.registry_helpers import config, index, layer, oci_manifest, push
 
 BASE = layer("base", 1000)
@@ -37,23 +37,6 @@ def registry(root: Path) -> Iterator[Registry]:
 
 def cli(root: Path, *args: str) -> subprocess.CompletedProcess:
     return run_cli(list(args), cwd=root.parent, env={"CASENGINE_ROOT": str(root)})
-
-
-def ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
-    assert proc.stderr == b""
-    return proc.stdout.decode()
-
-
-def one_line_error(proc: subprocess.CompletedProcess, code: int) -> str:
-    """Exit ``code``, nothing on stdout, exactly one line on stderr, no traceback."""
-    err = proc.stderr.decode(errors="replace")
-    assert proc.returncode == code, (proc.returncode, err)
-    assert "Traceback" not in err
-    assert err.endswith("\n") and err.count("\n") == 1, f"want one line, got {err!r}"
-    assert err.startswith("casengine: error: "), err
-    assert proc.stdout == b""
-    return err
 
 
 @pytest.fixture

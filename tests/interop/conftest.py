@@ -38,7 +38,7 @@ import pytest
 
 from casengine.engine import Engine
 from tests.clients import require_module, require_tool  # noqa: F401 - re-exported
-from tests.helpers import casengine_command
+from tests.helpers import casengine_command, stop_process
 
 LOOPBACK = "127.0.0.1"
 
@@ -107,15 +107,7 @@ class Server:
         """Stop the server (SIGTERM, then SIGKILL after 15 s); its exit code."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(15)
-        self._log_file.close()
-        code, self.process = self.process.returncode, None
+        code, self.process = stop_process(self.process, self._log_file), None
         return code
 
     def log_text(self) -> str:
