@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import sys
 import uuid
@@ -41,8 +42,12 @@ _SYNC_FILE_RANGE_WRITE = 2
 #: O_DIRECT wants buffer address, length and file offset aligned; a page satisfies every disk.
 _ALIGN = 4096
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-#: Start writeback once this much is dirty: big enough to batch, small enough to overlap.
-_WRITEBACK_STEP = 8 << 20
+#: Start writeback once this much is dirty: big enough to batch, small enough that the
+#: disk writes while the caller still hashes, so the fdatasync that acknowledges a chunk
+#: waits only for the last step.
+_WRITEBACK_STEP = 1 << 20
+#: Unaligned data goes to O_DIRECT through a page-aligned buffer of this size.
+_BOUNCE = 1 << 20
 
 
 def _load_sync_file_range():  # type: ignore[no-untyped-def]
@@ -106,29 +111,57 @@ class _FileSink:
             if not create:
                 os.ftruncate(self.fd, offset)  # drop what an unfinished append left
         self._direct = _open_direct(path)
+        self._bounce: mmap.mmap | None = None
         self.start = self.pos = self._flushed = offset
 
     def write(self, data: Buffer) -> None:
         view = memoryview(data).cast("B")
-        direct = self._direct is not None and self.pos % _ALIGN == 0 and _aligned(view)
-        fd = self._direct if direct else self.fd
         with _translated(f"writing {self.path}"):
-            while view:
-                n = os.pwrite(fd, view, self.pos)
-                view = view[n:]
-                self.pos += n
-            if direct:
-                self._flushed = self.pos
-            elif _sync_file_range and self.pos - self._flushed >= _WRITEBACK_STEP:
-                _sync_file_range(self.fd, self._flushed, self.pos - self._flushed,
-                                 _SYNC_FILE_RANGE_WRITE)
-                self._flushed = self.pos
+            if self._direct is not None and self.pos % _ALIGN == 0:
+                whole = len(view) - len(view) % _ALIGN
+                if whole:
+                    self._write_direct(view[:whole])
+                    view = view[whole:]
+            if view:
+                self._write_buffered(view)
+
+    def _write_direct(self, view: memoryview) -> None:
+        """Write whole pages past the page cache: the disk works while the caller hashes."""
+        assert self._direct is not None
+        if _aligned(view):
+            self._pwrite(self._direct, view)
+        else:  # bytes from Python are rarely page-aligned: a copy is cheap next to the disk
+            if self._bounce is None:
+                self._bounce = mmap.mmap(-1, _BOUNCE)
+            bounce = memoryview(self._bounce)
+            for off in range(0, len(view), _BOUNCE):
+                piece = view[off:off + _BOUNCE]
+                bounce[:len(piece)] = piece
+                self._pwrite(self._direct, bounce[:len(piece)])
+            bounce.release()
+        self._flushed = self.pos
+
+    def _write_buffered(self, view: memoryview) -> None:
+        self._pwrite(self.fd, view)
+        if _sync_file_range and self.pos - self._flushed >= _WRITEBACK_STEP:
+            _sync_file_range(self.fd, self._flushed, self.pos - self._flushed,
+                             _SYNC_FILE_RANGE_WRITE)
+            self._flushed = self.pos
+
+    def _pwrite(self, fd: int, view: memoryview) -> None:
+        while view:
+            n = os.pwrite(fd, view, self.pos)
+            view = view[n:]
+            self.pos += n
 
     def sync(self) -> None:
         with _translated(f"syncing {self.path}"):
             os.fdatasync(self.fd)
 
     def close(self, *, truncate: bool = False) -> None:
+        if self._bounce is not None:
+            self._bounce.close()
+            self._bounce = None
         if self._direct is not None:
             os.close(self._direct)
             self._direct = None
