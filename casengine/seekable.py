@@ -264,21 +264,32 @@ def read_range(backend: Backend, key: str, table: SeekTable, start: int, length:
     decoder.close()
 
 
+def read_object(backend: Backend, key: str, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """Every logical byte of a stored object whose record is unknown (an orphan)."""
+    table, tail = read_table(backend, key, backend.stat(key).size)
+    return read_range(backend, key, table, 0, table.logical_size, chunk_size=chunk_size,
+                      tail=tail)
+
+
 class FrameEncoder:
     """Compress a stream into frames of ``frame_size`` logical bytes; ``emit`` gets the
     stored bytes in order, the seek table last (on :meth:`finish`).
 
     A whole frame handed in at once (the ingest's 4 MiB chunks) is compressed in one call,
-    which records its content size in the frame header; smaller pieces go through a
-    streaming compressor until the frame is full.
+    which records its content size in the frame header, by zstd's own ``threads`` workers
+    when there are more than one (the call blocks, so the caller's buffer is free when it
+    returns); smaller pieces go through a single-threaded streaming compressor until the
+    frame is full.
     """
 
     def __init__(self, emit: Callable[[bytes], None], level: int = 3,
-                 frame_size: int = FRAME_SIZE) -> None:
+                 frame_size: int = FRAME_SIZE, threads: int = 0) -> None:
         if not 0 < frame_size <= MAX_FRAME:
             raise ValueError(f"frame size {frame_size} outside 1..{MAX_FRAME}")
         self._emit = emit
         self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        self._whole = (zstandard.ZstdCompressor(level=level, write_checksum=True, threads=threads)
+                       if threads > 1 else self._cctx)
         self.frame_size = frame_size
         self.entries: list[tuple[int, int]] = []
         self._open: zstandard.ZstdCompressionObj | None = None
@@ -290,7 +301,7 @@ class FrameEncoder:
         size = self.frame_size
         while view:
             if self._open is None and len(view) >= size:
-                out = self._cctx.compress(view[:size])
+                out = self._whole.compress(view[:size])
                 self._emit(out)
                 self.entries.append((len(out), size))
                 view = view[size:]
