@@ -275,11 +275,12 @@ class FrameEncoder:
     """Compress a stream into frames of ``frame_size`` logical bytes; ``emit`` gets the
     stored bytes in order, the seek table last (on :meth:`finish`).
 
-    A whole frame handed in at once (the ingest's 4 MiB chunks) is compressed in one call,
-    which records its content size in the frame header, by zstd's own ``threads`` workers
-    when there are more than one (the call blocks, so the caller's buffer is free when it
-    returns); smaller pieces go through a single-threaded streaming compressor until the
-    frame is full.
+    A whole frame handed in at once (the ingest's 4 MiB chunks) is compressed straight from
+    the caller's buffer; smaller pieces are gathered into one frame buffer first. Either way
+    each frame is one call that knows its size (so zstd sizes its tables to it and records
+    the content size in the frame header) and that blocks until done, so the caller's buffer
+    is free when :meth:`write` returns. Frames of 1 MiB or more use zstd's own ``threads``
+    workers when there are more than one.
     """
 
     def __init__(self, emit: Callable[[bytes], None], level: int = 3,
@@ -287,48 +288,45 @@ class FrameEncoder:
         if not 0 < frame_size <= MAX_FRAME:
             raise ValueError(f"frame size {frame_size} outside 1..{MAX_FRAME}")
         self._emit = emit
+        self._level = level
+        self._threads = threads
         self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
-        self._whole = (zstandard.ZstdCompressor(level=level, write_checksum=True, threads=threads)
-                       if threads > 1 else self._cctx)
+        self._mt: zstandard.ZstdCompressor | None = None
         self.frame_size = frame_size
         self.entries: list[tuple[int, int]] = []
-        self._open: zstandard.ZstdCompressionObj | None = None
-        self._in = 0
-        self._out = 0
+        self._pending = bytearray()
 
     def write(self, data: Buffer) -> None:
         view = memoryview(data).cast("B")
         size = self.frame_size
         while view:
-            if self._open is None and len(view) >= size:
-                out = self._whole.compress(view[:size])
-                self._emit(out)
-                self.entries.append((len(out), size))
+            if not self._pending and len(view) >= size:
+                self._frame(view[:size])
                 view = view[size:]
                 continue
-            if self._open is None:
-                self._open = self._cctx.compressobj()
-            take = min(len(view), size - self._in)
-            self._put(self._open.compress(view[:take]))
-            self._in += take
+            take = min(len(view), size - len(self._pending))
+            self._pending += view[:take]
             view = view[take:]
-            if self._in == size:
-                self._end_frame()
+            if len(self._pending) == size:
+                self._frame(self._pending)
+                self._pending.clear()
 
-    def _put(self, out: bytes) -> None:
-        if out:
-            self._out += len(out)
-            self._emit(out)
-
-    def _end_frame(self) -> None:
-        assert self._open is not None
-        self._put(self._open.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
-        self.entries.append((self._out, self._in))
-        self._open, self._in, self._out = None, 0, 0
+    def _frame(self, data: Buffer) -> None:
+        n = len(data)  # type: ignore[arg-type]
+        cctx = self._cctx
+        if self._threads > 1 and n >= 1 << 20:
+            if self._mt is None:
+                self._mt = zstandard.ZstdCompressor(level=self._level, write_checksum=True,
+                                                    threads=self._threads)
+            cctx = self._mt
+        out = cctx.compress(data)
+        self._emit(out)
+        self.entries.append((len(out), n))
 
     def finish(self) -> None:
-        if self._open is not None:
-            self._end_frame()
+        if self._pending:
+            self._frame(self._pending)
+            self._pending = bytearray()
         self._emit(encode_table(self.entries))
 
 
