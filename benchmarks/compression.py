@@ -1,13 +1,16 @@
 """Seekable zstd at rest: what compression costs an ingest, and what a range read decompresses.
 
     python benchmarks/compression.py [--size 256M] [--big 1G] [--levels 1,2,3] [--rounds 5]
-                                     [--dir DIR] [--cases memory,local,range] [--json]
+                                     [--data text|tar:DIR] [--dir DIR]
+                                     [--cases memory,local,range] [--json]
 
 Same run, same bytes, A B A B ... pairs, medians of the per-pair ratios (as ingest.py):
 
-  memory, local  ingest of compressible text-like bytes (JSON log lines, ~3.5x at level 1)
-                 with ``--compression never`` (A) against ``auto`` at each level (B), into
-                 memory:// or a fresh local root. Target: B runs at >= 0.6x of A.
+  memory, local  ingest of compressible bytes with ``--compression never`` (A) against
+                 ``auto`` at each level (B), into memory:// or a fresh local root.
+                 Target: B runs at >= 0.6x of A. ``--data text`` (default): JSON log lines
+                 with random words and numbers (~4x smaller at level 1); ``--data tar:DIR``:
+                 an uncompressed tar of DIR's files, like a layer (e.g. a Python install).
   range          a 1 MiB range read in the middle of a ``--big`` compressed blob (B) against
                  the same range of the same bytes stored raw (A), with a cold table cache
                  (a fresh Engine on the same store) and a warm one. Reports how many frames
@@ -62,6 +65,36 @@ def text_like(size: int, seed: int = 7) -> bytes:
     return (pool * (size // len(pool) + 1))[:size]
 
 
+def tar_of(directory: str, size: int) -> bytes:
+    """An uncompressed tar of the files under ``directory``, cut or repeated to ``size``."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for dirpath, _, names in sorted(os.walk(directory)):
+            for name in sorted(names):
+                path = os.path.join(dirpath, name)
+                if os.path.isfile(path) and not os.path.islink(path):
+                    tar.add(path, arcname=os.path.relpath(path, directory), recursive=False)
+                if buf.tell() >= size:
+                    break
+            if buf.tell() >= size:
+                break
+    data = buf.getvalue()
+    if not data:
+        raise SystemExit(f"no files under {directory}")
+    return (data * (size // len(data) + 1))[:size]
+
+
+def make_data(kind: str, size: int) -> bytes:
+    if kind == "text":
+        return text_like(size)
+    if kind.startswith("tar:"):
+        return tar_of(kind[4:], size)
+    raise SystemExit(f"--data {kind!r}: want text or tar:DIR")
+
+
 def pairs(rounds: int, a: Callable[[], float], b: Callable[[], float],
           label: str) -> dict[str, Any]:
     """One warm-up pair, then ``rounds`` pairs; medians of times and of the ratios a/b."""
@@ -96,15 +129,15 @@ def ingest_case(kind: str, data: bytes, level: int, rounds: int, base: str) -> d
 
     raw, auto = run(Policy("never")), run(Policy("auto", level))
     out = pairs(rounds, raw, auto, f"{kind} level {level}")
-    out.update(case=kind, level=level, bytes=len(data), stored_ratio=stored["auto"] / len(data),
+    out.update(case=kind, level=level, threads=Policy().threads, bytes=len(data), stored_ratio=stored["auto"] / len(data),
                never_MBps=len(data) / out["a_seconds"] / MB,
                auto_MBps=len(data) / out["b_seconds"] / MB, target=TARGET_INGEST)
     out["meets_target"] = out["ratio"] >= TARGET_INGEST
     return out
 
 
-def range_case(size: int, level: int, rounds: int, base: str) -> dict[str, Any]:
-    data = text_like(size)
+def range_case(size: int, level: int, rounds: int, base: str, kind: str) -> dict[str, Any]:
+    data = make_data(kind, size)
     start = size // 2 - 300_000  # across the boundary of two 4 MiB frames
     want = data[start:start + MIB]
     roots = {}
@@ -163,6 +196,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dir", default=None)
     p.add_argument("--cases", default="memory,local,range")
+    p.add_argument("--data", default="text", help="text, or tar:DIR")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -170,13 +204,13 @@ def main() -> int:
     base = tempfile.mkdtemp(prefix="casengine-zstd-bench-", dir=args.dir)
     results = []
     try:
-        data = text_like(args.size)
+        data = make_data(args.data, args.size)
         for kind in ("memory", "local"):
             if kind in cases:
                 results += [ingest_case(kind, data, lvl, args.rounds, base) for lvl in levels]
         del data
         if "range" in cases:
-            results.append(range_case(args.big, Policy().level, args.rounds, base))
+            results.append(range_case(args.big, Policy().level, args.rounds, base, args.data))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     if args.json:
