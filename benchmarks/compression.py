@@ -16,6 +16,10 @@ Same run, same bytes, A B A B ... pairs, medians of the per-pair ratios (as inge
                  (a fresh Engine on the same store) and a warm one. Reports how many frames
                  each read decompressed (target: at most 2).
 
+The machine's limits are measured in the same run and printed beside the figures: sha256
+over the bytes, and zstd compressing them into frames on one thread and with the policy's
+workers, at each level.
+
 Everything is written under a fresh temp directory (in ``--dir``) that is removed at exit.
 """
 
@@ -109,6 +113,30 @@ def pairs(rounds: int, a: Callable[[], float], b: Callable[[], float],
     return {"a_seconds": statistics.median(ta), "b_seconds": statistics.median(tb),
             "ratio": statistics.median(x / y for x, y in zip(ta, tb, strict=True)),
             "ratios": [round(x / y, 3) for x, y in zip(ta, tb, strict=True)]}
+
+
+def limits(data: bytes, levels: list[int], rounds: int) -> dict[str, float]:
+    """MB/s of sha256 and of the frame encoder alone (one thread, and the default workers)."""
+    import hashlib
+
+    def speed(fn: Callable[[], object]) -> float:
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return len(data) / statistics.median(times) / MB
+
+    def encode(level: int, threads: int) -> None:
+        encoder = seekable.FrameEncoder(lambda b: None, level, seekable.FRAME_SIZE, threads)
+        encoder.write(data)
+        encoder.finish()
+
+    out = {"sha256": speed(lambda: hashlib.sha256(data).digest())}
+    for level in levels:
+        for threads in sorted({0, Policy().threads}):
+            out[f"zstd-{level}-t{threads}"] = speed(lambda lv=level, th=threads: encode(lv, th))
+    return out
 
 
 def ingest_case(kind: str, data: bytes, level: int, rounds: int, base: str) -> dict[str, Any]:
@@ -205,6 +233,7 @@ def main() -> int:
     results = []
     try:
         data = make_data(args.data, args.size)
+        results.append({"case": "limits", **limits(data, levels, args.rounds)})
         for kind in ("memory", "local"):
             if kind in cases:
                 results += [ingest_case(kind, data, lvl, args.rounds, base) for lvl in levels]
@@ -217,7 +246,9 @@ def main() -> int:
         print(json.dumps(results, indent=2))
         return 0
     for r in results:
-        if r["case"] == "range":
+        if r["case"] == "limits":
+            print("limits  " + ", ".join(f"{k} {v:.0f} MB/s" for k, v in r.items() if k != "case"))
+        elif r["case"] == "range":
             print(f"range   1 MiB in the middle of {human(r['bytes'])} (level {r['level']}, "
                   f"stored {r['stored_ratio']:.2f}x): {r['frames']} frames decompressed "
                   f"(target <= {TARGET_FRAMES}); time zst vs raw: cold table "
