@@ -123,9 +123,6 @@ class Policy:
         return ZST if len(out) + _OVERHEAD <= len(sample) * (1 - self.margin) else RAW
 
 
-NEVER = Policy("never")
-
-
 class BlobSink:
     """Where an ingest's chunks go: the codec is chosen on the first chunk, then the
     backend writer is opened for that codec's key and gets the bytes, raw or compressed.
