@@ -382,3 +382,27 @@ def test_cli_options_and_environment(tmp_path: Path) -> None:
                                  cwd=tmp_path)))
     assert stat["size"] == len(data) and stat["stored_size"] < len(data) // 4
     assert hashlib.sha256(data).hexdigest() in digest
+
+
+def test_usage_shows_stored_next_to_physical(tmp_path: Path) -> None:
+    from casengine.registry import usage
+
+    with Engine.open("memory://") as engine:
+        registry = Registry(engine)
+        layer, noise = text(2 * MIB), os.urandom(MIB)
+        descriptors = [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": str(registry.ingest_blob("team/app", b).digest),
+                        "size": len(b)} for b in (layer, noise)]
+        config = registry.ingest_blob("team/app", b"{}")
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": str(config.digest), "size": 2},
+            "layers": descriptors}).encode()
+        registry.put_manifest("team/app", "v1", manifest)
+        total = usage(registry).total
+        stored = sum(engine.stat(d).stored_size
+                     for d in (*(x["digest"] for x in descriptors), config.digest,
+                               digest_of(manifest)))
+        assert total.physical == len(layer) + len(noise) + 2 + len(manifest)
+        assert total.stored == stored < len(noise) + len(layer) // 4
