@@ -4,7 +4,8 @@
   and the xxh3-128 of the stored bytes matches the record (a record without one, from a
   chunked upload, gets it now).
 - **full**: also re-hashes the logical bytes of every blob with its own algorithm,
-  manifests and configs included.
+  manifests and configs included. A blob stored as seekable zstd is decompressed in the
+  same pass over its stored bytes, and its seek table must match the record.
 
 Both check references (every tag names a present manifest; every manifest's blobs and
 children are linked and stored; every link names a stored blob; every referrer entry
@@ -34,9 +35,18 @@ import xxhash
 
 from casengine.backend import LocalPaths
 from casengine.digest import Digest, Hasher
-from casengine.errors import NotFound
+from casengine.errors import IntegrityError, NotFound
 from casengine.index import BlobRecord, pack_blob, unpack_blob
-from casengine.layout import BLOBS, blob_key, link_key, manifest_key, parse_blob_key, repo_key
+from casengine.layout import (
+    BLOBS,
+    ZST,
+    blob_key,
+    link_key,
+    manifest_key,
+    parse_blob_key,
+    repo_key,
+)
+from casengine.seekable import FrameDecoder, read_table
 
 if TYPE_CHECKING:
     from casengine.registry import Registry
@@ -237,24 +247,43 @@ class Checker:
             kind = "truncated" if info.size < record.stored_size else "corrupt"
             detail = f"object has {info.size} bytes, the record says {record.stored_size}"
             return record, kind, detail, 0
-        xxh = xxhash.xxh3_128()
         # without a recorded xxh3 (chunked uploads, reindex) only the digest can vouch
         verify = self.full or not record.xxh3
         hasher = Hasher(record.digest.split(":", 1)[0]) if verify else None
-        n = 0
-        for chunk in self._stored_bytes(key):
-            xxh.update(chunk)
-            if hasher is not None:
-                hasher.update(chunk)
-            n += len(chunk)
-            self.throttle(len(chunk))
-        if record.xxh3 and xxh.hexdigest() != record.xxh3:
+        try:
+            xxh, n = self._scan(key, record.codec, record.stored_size, hasher)
+        except IntegrityError as exc:
+            return record, "corrupt", str(exc), 0
+        if record.xxh3 and xxh != record.xxh3:
             return record, "corrupt", "xxh3 of the stored bytes does not match the record", n
         if hasher is not None and str(hasher.digest()) != record.digest:
             return record, "corrupt", f"the bytes hash to {hasher.digest()}", n
+        if hasher is not None and hasher.size != record.size:
+            return record, "corrupt", f"{hasher.size} logical bytes, the record says {record.size}", n
         if not record.xxh3:
-            self._fill_xxh3(record, xxh.hexdigest())
+            self._fill_xxh3(record, xxh)
         return record, None, "", n
+
+    def _scan(self, key: str, codec: str, stored_size: int,
+              hasher: Hasher | None) -> tuple[str, int]:
+        """One pass over a stored object: the xxh3 of its bytes and their count; ``hasher``
+        (if any) gets the logical bytes, decompressed from a ``zst`` object on the way."""
+        decoder = None
+        if codec == ZST and hasher is not None:
+            decoder = FrameDecoder(read_table(self.backend, key, stored_size)[0], key=key)
+        xxh, n = xxhash.xxh3_128(), 0
+        for chunk in self._stored_bytes(key):
+            xxh.update(chunk)
+            n += len(chunk)
+            self.throttle(len(chunk))
+            if decoder is not None:
+                for frame in decoder.feed(chunk):
+                    hasher.update(frame)  # type: ignore[union-attr]
+            elif hasher is not None:
+                hasher.update(chunk)
+        if decoder is not None:
+            decoder.close()
+        return xxh.hexdigest(), n
 
     def _stored_bytes(self, key: str) -> Iterator[memoryview | bytes]:
         """The object's bytes; a local file is read into one reused buffer per thread,
@@ -333,16 +362,15 @@ class Checker:
 
     def _adopt(self, key: str, digest: Digest, codec: str) -> str:
         """Re-index an orphan whose bytes match its name; quarantine any other."""
-        hasher, xxh, stored = Hasher(digest.algorithm), xxhash.xxh3_128(), 0
-        for chunk in self.backend.read(key, chunk_size=4 << 20):
-            hasher.update(chunk)
-            xxh.update(chunk)
-            stored += len(chunk)
+        hasher = Hasher(digest.algorithm)
+        try:
+            xxh, stored = self._scan(key, codec, self.backend.stat(key).size, hasher)
+        except IntegrityError:
+            return f"quarantined as {self._quarantine(key)}"
         if hasher.digest() != digest or self.index.get_blob(str(digest)) is not None:
             return f"quarantined as {self._quarantine(key)}"
         now = time.time()
-        self.index.add_blob(BlobRecord(str(digest), hasher.size, codec, stored, xxh.hexdigest(),
-                                       now, now))
+        self.index.add_blob(BlobRecord(str(digest), hasher.size, codec, stored, xxh, now, now))
         return "verified and re-indexed"
 
     def _check_references(self, report: CheckReport) -> None:

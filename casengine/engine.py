@@ -7,6 +7,13 @@ recorded in the index. So a reader, who always goes through the index, never see
 partial or unverified blob (I1), and a crash at any point leaves at worst an unrecorded
 but complete object or an unpublished temp, which ``casengine check`` finds.
 
+Compression at rest: the engine's :class:`~casengine.compression.Policy` decides per blob
+whether the bytes are stored as they are (``.raw``) or as seekable zstd (``.zst``, see
+:mod:`casengine.seekable`). Either way the digest and size are those of the logical bytes,
+and the record's xxh3 and stored size those of the object; a range read of a ``.zst`` blob
+decompresses only the frames it overlaps. Chunked uploads publish raw: their commit reads
+nothing again (see :meth:`Engine.publish_staged`).
+
 Dedupe: when the blob is already recorded, the bytes are hashed (so a wrong body is still
 refused) but not written again. Two concurrent ingests of the same new content both write,
 but only one publish wins (put-if-absent) and both succeed.
@@ -21,7 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
-from casengine.backend import READ_CHUNK, Backend, open_backend
+from casengine.backend import READ_CHUNK, Backend, Writer, open_backend
+from casengine.compression import BlobSink, Policy
 from casengine.digest import DEFAULT_ALGORITHM, Digest, Hasher, parse_digest
 from casengine.errors import (
     BackendError,
@@ -29,14 +37,16 @@ from casengine.errors import (
     ConfigError,
     Conflict,
     DigestMismatch,
+    IntegrityError,
     InvalidInput,
     NotFound,
     SizeMismatch,
 )
 from casengine.index import BlobRecord, Index, LmdbIndex, Txn, unpack_blob
 from casengine.ingest import CHUNK, POOL, BufferPool, Source, WritePipeline, open_source
-from casengine.layout import RAW, blob_key
+from casengine.layout import RAW, ZST, blob_key
 from casengine.leases import is_live, new_lease
+from casengine.seekable import TableCache, read_range, read_table
 
 if TYPE_CHECKING:
     from casengine.uploads import Uploads
@@ -58,11 +68,13 @@ class Engine:
     """Open with :meth:`Engine.open`; thread-safe; close when done (or use ``with``)."""
 
     def __init__(self, backend: Backend, index: Index, *, chunk_size: int = CHUNK,
-                 upload_ttl: float | None = None) -> None:
+                 upload_ttl: float | None = None, compression: Policy | None = None) -> None:
         self.backend = backend
         self.index = index
         self.chunk_size = chunk_size
+        self.compression = compression or Policy()
         self._upload_ttl = upload_ttl
+        self._tables = TableCache()
 
     @functools.cached_property
     def uploads(self) -> Uploads:
@@ -73,11 +85,12 @@ class Engine:
 
     @classmethod
     def open(cls, url: str = DEFAULT_ROOT, *, index: str | None = None,
-             **storage_options: Any) -> Engine:
+             compression: Policy | None = None, **storage_options: Any) -> Engine:
         """Open the store at ``url`` (a path, ``file://``, ``memory://``, ``s3://``, ...).
 
         ``index`` is the LMDB directory. By default a local root keeps it inside the root
         and ``memory://`` gets a temporary one; remote roots must name one.
+        ``compression`` is how new blobs are stored (default: ``Policy()``, mode auto).
         """
         backend = open_backend(url, **storage_options)
         try:
@@ -94,7 +107,7 @@ class Engine:
         except BaseException:
             backend.close()
             raise
-        return cls(backend, idx)
+        return cls(backend, idx, compression=compression)
 
     def close(self) -> None:
         self.index.close()
@@ -110,13 +123,15 @@ class Engine:
 
     def ingest(self, source: Source, *, digest: str | Digest | None = None,
                size: int | None = None, algorithm: str = DEFAULT_ALGORITHM,
-               check: Callable[[Digest, int], None] | None = None) -> IngestResult:
+               check: Callable[[Digest, int], None] | None = None,
+               media_type: str | None = None) -> IngestResult:
         """Store the bytes of ``source``; verify ``digest`` and ``size`` while streaming.
 
         On a mismatch nothing is published and :class:`~casengine.errors.DigestMismatch`
         or :class:`~casengine.errors.SizeMismatch` names what was expected and received.
         ``check(digest, size)`` runs once both are known and before anything is published;
         it may raise to refuse the blob (a quota), which then leaves nothing behind.
+        ``media_type``, when known, helps the compression policy skip compressed formats.
         """
         expected = parse_digest(digest) if digest is not None else None
         hasher = Hasher(expected.algorithm if expected else algorithm)
@@ -135,8 +150,13 @@ class Engine:
                     raise Conflict(f"blob {known.digest} was deleted during the upload; "
                                    "push it again")
                 return IngestResult(hasher.digest(), hasher.size, created=False)
-            hint = blob_key(expected, RAW) if expected else None
-            with self.backend.writer(hint) as writer, WritePipeline(writer, pool.put) as pipe:
+
+            def open_writer(codec: str) -> Writer:
+                # the final key as hint: object stores upload straight to it
+                return self.backend.writer(blob_key(expected, codec) if expected else None)
+
+            with (BlobSink(open_writer, self.compression, media_type) as sink,
+                  WritePipeline(sink, pool.put) as pipe):
                 for chunk in chunks:
                     hasher.update(chunk[0])
                     if size is not None and hasher.size > size:
@@ -146,12 +166,14 @@ class Engine:
                 actual = self._verify(hasher, expected, size)
                 if check is not None:
                     check(actual, hasher.size)
+                writer = sink.finish()
                 now = time.time()
-                record = BlobRecord(str(actual), hasher.size, RAW, writer.size,
-                                    pipe.xxh3.hexdigest(), now, now)
+                codec = sink.codec or RAW
+                record = BlobRecord(str(actual), hasher.size, codec, writer.size,
+                                    sink.xxh3.hexdigest(), now, now)
                 if self.index.touch_blob(record.digest, now):  # stored already: dedupe
                     return IngestResult(actual, hasher.size, created=False)
-                key = blob_key(actual, RAW)
+                key = blob_key(actual, codec)
                 created = self._publish(record, lambda: writer.commit(key, exclusive=True))
         return IngestResult(actual, hasher.size, created)
 
@@ -192,7 +214,13 @@ class Engine:
             if value is not None and is_live(json.loads(value)):
                 raise Conflict(f"blob {record.digest} is being deleted; retry")
 
-        self.index.add_blob(record, guard=no_delete_began)
+        if not self.index.add_blob(record, guard=no_delete_began) and created:
+            current = self.index.get_blob(record.digest)
+            if current is not None and current.codec != record.codec:
+                # a concurrent ingest recorded the same bytes under the other codec first:
+                # ours would be an orphan
+                self.backend.delete(blob_key(parse_digest(record.digest), record.codec))
+                return False
         return created
 
     def _deleting(self, key: bytes) -> dict | None:
@@ -275,12 +303,29 @@ class Engine:
             )
         key = blob_key(parse_digest(record.digest), record.codec)
         try:
+            if record.codec == ZST:
+                n = record.size - start if length is None else min(length, record.size - start)
+                return self._read_zst(record, key, start, n, chunk_size)
             return self.backend.read(key, start, length, chunk_size=chunk_size)
         except NotFound as exc:
             raise BackendError(
                 f"blob {record.digest} is indexed but its object {key} is missing: "
                 "run 'casengine check'"
             ) from exc
+
+    def _read_zst(self, record: BlobRecord, key: str, start: int, length: int,
+                  chunk_size: int) -> Iterator[bytes]:
+        # a record is never changed in place: its creation time tells a re-stored blob apart
+        ident = (key, record.stored_size, record.created)
+        table, tail = self._tables.get(ident), b""
+        if table is None:
+            table, tail = read_table(self.backend, key, record.stored_size)
+            if table.logical_size != record.size:
+                raise IntegrityError(f"stored object {key} holds {table.logical_size} bytes, "
+                                     f"the index says {record.size}: run 'casengine check'")
+            self._tables.put(ident, table)
+        return read_range(self.backend, key, table, start, length, chunk_size=chunk_size,
+                          tail=tail)
 
     def read_bytes(self, digest: str | Digest) -> bytes:
         """A whole small blob (manifest, config) in memory. Never use it for layers."""

@@ -2,11 +2,12 @@
 
 Ingest is bounded by sha256 on one core. To reach that limit the calling thread only
 hashes: files and streams are read ahead on a reader thread (:func:`_read_ahead`), and
-:class:`WritePipeline` hands each hashed chunk to a writer thread that computes the xxh3 of
-the stored bytes and writes them to the backend. ``hashlib``, ``xxhash`` and file I/O
-release the GIL, so the two run in parallel. Memory stays bounded: stream sources are read
-into a small pool of reused buffers, and a buffer goes back to the pool only once it has
-been written.
+:class:`WritePipeline` hands each hashed chunk to a writer thread that stores it: for an
+ingest, a :class:`~casengine.compression.BlobSink` that compresses it if the policy says
+so, computes the xxh3 of the stored bytes and writes them to the backend. ``hashlib``,
+``zstandard``, ``xxhash`` and file I/O release the GIL, so the threads run in parallel.
+Memory stays bounded: stream sources are read into a small pool of reused buffers, and a
+buffer goes back to the pool only once it has been written.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO, Any, Self
+from typing import IO, Any, Protocol, Self
 
-import xxhash
-
-from casengine.backend import Writer
+from casengine.backend import Buffer
 from casengine.errors import InvalidInput
 
 #: Chunk size for reading streams and files: large enough that per-chunk overhead vanishes
@@ -171,17 +170,22 @@ def open_source(source: Source, pool: BufferPool, size: int = CHUNK) -> Iterator
                            "a binary file or an iterable of bytes")
 
 
+class Target(Protocol):
+    """Where a pipeline writes: a backend writer or appender, or a BlobSink."""
+
+    def write(self, data: Buffer) -> None: ...
+
+
 class WritePipeline:
-    """Writes chunks to a backend :class:`Writer` on a second thread, xxh3 alongside.
+    """Writes chunks to ``target`` on a second thread.
 
     The thread starts with the first large chunk, or when a second chunk arrives, so a
     small blob costs no thread and a big one overlaps from its first byte.
     Use as a context manager; :meth:`finish` waits for the writes and re-raises their error.
     """
 
-    def __init__(self, writer: Writer, release: Callable[[mmap.mmap], None]) -> None:
-        self.writer = writer
-        self.xxh3 = xxhash.xxh3_128()
+    def __init__(self, target: Target, release: Callable[[mmap.mmap], None]) -> None:
+        self.target = target
         self._release = release
         self._queue: queue.Queue[Chunk | None] = queue.Queue(maxsize=POOL)
         self._thread: threading.Thread | None = None
@@ -192,8 +196,7 @@ class WritePipeline:
         view, buf = chunk
         try:
             if self._error is None:
-                self.xxh3.update(view)
-                self.writer.write(view)
+                self.target.write(view)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             self._error = exc
         finally:

@@ -42,7 +42,9 @@ REPOSITORIES = "repositories/"
 
 #: Stored codecs and their key suffix.
 RAW = "raw"
-CODECS = (RAW,)
+#: Seekable zstd frames of the logical bytes (see :mod:`casengine.seekable`).
+ZST = "zst"
+CODECS = (RAW, ZST)
 
 _BLOB_KEY = re.compile(
     r"blobs/(?P<alg>[a-z0-9]+)/(?P<fan>[a-f0-9]{2})/(?P<hex>[a-f0-9]+)\.(?P<codec>[a-z0-9]+)"

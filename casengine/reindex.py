@@ -4,7 +4,9 @@ The layout is self-describing (see :mod:`casengine.layout`): blob keys name dige
 codec; repositories keep ``_repo``, ``_links``, ``_manifests`` and ``_tags`` records; a
 manifest's references and subject are in its own bytes. So a lost or corrupted index can be
 built again, into a fresh directory that then replaces the old one. Run it with the
-registry stopped. Blob records come back without their xxh3 (the next ``casengine check``
+registry stopped. A ``.zst`` blob's logical size comes from its seek table (one small
+ranged read); an object whose table is unreadable is skipped, and ``casengine check``
+reports it as an orphan. Blob records come back without their xxh3 (the next ``casengine check``
 computes it); upload sessions do not come back (their staged bytes are purged as orphans);
 quotas are not stored in the backend and must be set again.
 """
@@ -23,8 +25,9 @@ from casengine.backend import Backend
 from casengine.digest import Digest
 from casengine.errors import CASError
 from casengine.index import BlobRecord, LmdbIndex
-from casengine.layout import BLOBS, REPOSITORIES, parse_blob_key
+from casengine.layout import BLOBS, REPOSITORIES, ZST, parse_blob_key
 from casengine.registry.manifests import parse_manifest
+from casengine.seekable import read_table
 
 if TYPE_CHECKING:
     from casengine.registry import Registry
@@ -78,6 +81,12 @@ def rebuild(backend: Backend, index_path: str, *, progress: Progress | None = No
             digest, codec = parsed
             info = backend.stat(key)
             size = info.size  # raw: logical == stored
+            if codec == ZST:  # the seek table knows the logical size
+                try:
+                    size = read_table(backend, key, info.size)[0].logical_size
+                except CASError:
+                    report.skipped.append(key)
+                    continue
             index.add_blob(BlobRecord(str(digest), size, codec, info.size, "", info.mtime,
                                       info.mtime))
             report.blobs += 1

@@ -19,7 +19,8 @@ from typing import IO
 
 from casengine.backend import Backend, Buffer, ObjectInfo, Writer
 from casengine.engine import Engine
-from casengine.layout import BLOBS, parse_blob_key
+from casengine.layout import BLOBS, RAW, parse_blob_key
+from casengine.seekable import read_object
 
 MIB = 1 << 20
 KINDS = ("memory", "local")
@@ -83,10 +84,11 @@ def audit(engine: Engine) -> None:
     for key in blob_objects(engine):
         parsed = parse_blob_key(key)
         assert parsed is not None, f"junk object {key!r} under blobs/"
-        digest, _codec = parsed
+        digest, codec = parsed
         if str(digest) in recorded:
             continue
-        actual, _ = hash_stream(engine.backend.read(key), digest.algorithm)
+        chunks = engine.backend.read(key) if codec == RAW else read_object(engine.backend, key)
+        actual, _ = hash_stream(chunks, digest.algorithm)
         assert actual == str(digest), f"unrecorded object {key} is partial: bytes of {actual}"
 
 

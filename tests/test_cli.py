@@ -102,7 +102,7 @@ def test_get_unknown_writes_no_file(root: Path, tmp_path: Path) -> None:
 
 def test_stat(root: Path) -> None:
     data = b"stat me" * 1000
-    digest = ok(cli(root, "blob", "put", "-", input=data)).strip()
+    digest = ok(cli(root, "--compression", "never", "blob", "put", "-", input=data)).strip()
     record = json.loads(ok(cli(root, "blob", "stat", "--json", digest)))
     assert record["digest"] == digest
     assert record["size"] == record["stored_size"] == len(data)

@@ -252,10 +252,11 @@ def test_index_is_usable_by_another_process_while_one_is_killed(tmp_path: Path) 
 
 def test_the_audit_finds_what_a_crash_could_leave(tmp_path: Path) -> None:
     """The checks above can fail: a planted partial object, or a record over wrong bytes."""
+    from casengine.compression import Policy
     from casengine.digest import Digest
     from casengine.layout import blob_key
 
-    with Engine.open(str(tmp_path / "root")) as engine:
+    with Engine.open(str(tmp_path / "root"), compression=Policy("never")) as engine:
         data = pattern(1, 0, 100_000)
         engine.ingest(data)
         audit(engine)

@@ -25,7 +25,7 @@ from hypothesis.stateful import (
 
 from casengine.engine import Engine
 from casengine.errors import BlobNotFound, DigestMismatch, InvalidInput, SizeMismatch
-from casengine.layout import BLOBS
+from casengine.layout import BLOBS, CODECS
 from tests.helpers import audit, digest_of, tmp_files
 
 #: Payloads that come back often, so dedupe and re-ingest after delete happen a lot.
@@ -128,8 +128,8 @@ class EngineMachine(RuleBasedStateMachine):
         digest = self._any_digest(data)
         if digest in self.model:
             record = self.engine.stat(digest)
-            assert (record.digest, record.size, record.codec) == \
-                (digest, len(self.model[digest]), "raw")
+            assert (record.digest, record.size) == (digest, len(self.model[digest]))
+            assert record.codec in CODECS
         else:
             with pytest.raises(BlobNotFound):
                 self.engine.stat(digest)

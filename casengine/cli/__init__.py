@@ -32,11 +32,20 @@ from casengine.cli.uploads import uploads
 @click.option("-o", "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
               help="Option passed to the backend, e.g. endpoint_url=http://127.0.0.1:9000. "
                    "Repeatable.")
+@click.option("--compression", envvar="CASENGINE_COMPRESSION", default="auto",
+              show_default=True, type=click.Choice(["auto", "never", "always"]),
+              help="How new blobs are stored: seekable zstd unless already compressed or "
+                   "incompressible (auto), as they are (never), or zstd (always). "
+                   "Env: CASENGINE_COMPRESSION.")
+@click.option("--compression-level", envvar="CASENGINE_COMPRESSION_LEVEL", default=None,
+              type=click.IntRange(-7, 22), metavar="N",
+              help="zstd level for stored blobs (default 1). Env: CASENGINE_COMPRESSION_LEVEL.")
 @click.version_option(package_name="casengine")
 @click.pass_context
-def cli(ctx: click.Context, root: str, index: str | None, storage_options: tuple[str, ...]) -> None:
+def cli(ctx: click.Context, root: str, index: str | None, storage_options: tuple[str, ...],
+        compression: str, compression_level: int | None) -> None:
     """casengine: content-addressed storage for OCI registries."""
-    ctx.obj = Settings.parse(root, index, storage_options)
+    ctx.obj = Settings.parse(root, index, storage_options, compression, compression_level)
 
 
 cli.add_command(blob)

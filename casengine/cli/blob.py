@@ -78,7 +78,8 @@ def rm(ctx: click.Context, digest: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @click.pass_context
 def ls(ctx: click.Context, as_json: bool) -> None:
-    """List stored blobs: digest and size."""
+    """List stored blobs: digest and size (logical; with --json also the stored size and
+    codec)."""
     with engine_from(ctx) as engine:
         records = engine.list()
         if as_json:

@@ -29,24 +29,29 @@ class Settings:
     root: str
     index: str | None
     storage_options: dict[str, str] = field(default_factory=dict)
+    compression: str = "auto"  #: how new blobs are stored: auto, never, always
+    compression_level: int | None = None  #: zstd level; None: the engine's default
 
     @classmethod
-    def parse(cls, root: str, index: str | None, options: tuple[str, ...]) -> Settings:
+    def parse(cls, root: str, index: str | None, options: tuple[str, ...],
+              compression: str = "auto", compression_level: int | None = None) -> Settings:
         parsed: dict[str, str] = {}
         for item in options:
             key, sep, value = item.partition("=")
             if not sep or not key:
                 raise click.BadParameter(f"{item!r}: want KEY=VALUE", param_hint="--storage-option")
             parsed[key] = value
-        return cls(root, index, parsed)
+        return cls(root, index, parsed, compression, compression_level)
 
 
 @contextmanager
 def engine_from(ctx: click.Context) -> Iterator[Engine]:
+    from casengine.compression import Policy
     from casengine.engine import Engine
 
     s: Settings = ctx.find_object(Settings)
-    with Engine.open(s.root, index=s.index, **s.storage_options) as engine:
+    policy = Policy.parse(s.compression, s.compression_level)
+    with Engine.open(s.root, index=s.index, compression=policy, **s.storage_options) as engine:
         yield engine
 
 

@@ -130,7 +130,7 @@ def manifest_get(ctx: click.Context, reference: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @click.pass_context
 def usage(ctx: click.Context, prefix: str, as_json: bool) -> None:
-    """Logical and physical bytes per repository and namespace (under PREFIX)."""
+    """Logical, physical and stored bytes per repository and namespace (under PREFIX)."""
     from casengine.registry import usage as compute
     from casengine.units import format_size
 
@@ -139,11 +139,13 @@ def usage(ctx: click.Context, prefix: str, as_json: bool) -> None:
     if as_json:
         emit_json(report.to_json())
         return
-    click.echo(f"{'name':40} {'repos':>5} {'logical':>12} {'physical':>12} {'shared':>12}")
+    click.echo(f"{'name':40} {'repos':>5} {'logical':>12} {'physical':>12} {'shared':>12} "
+               f"{'stored':>12}")
     for u in [*report.repositories, *report.namespaces, report.total]:
         name = u.name or "(all)"
         click.echo(f"{name:40} {u.repositories:5} {format_size(u.logical):>12} "
-                   f"{format_size(u.physical):>12} {format_size(u.shared):>12}")
+                   f"{format_size(u.physical):>12} {format_size(u.shared):>12} "
+                   f"{format_size(u.stored):>12}")
 
 
 @click.group()

@@ -64,7 +64,8 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
 
     settings = ServeSettings(s.root, s.index, s.storage_options, redirect, auth_file,
                              gc_interval=parse_duration(gc_interval) if gc_interval else None,
-                             gc_grace=parse_duration(gc_grace))
+                             gc_grace=parse_duration(gc_grace), compression=s.compression,
+                             compression_level=s.compression_level)
     tls = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key} if tls_cert else {}
     common = {"host": host, "port": port, "log_level": log_level, "access_log": False,
               "lifespan": "on", "timeout_keep_alive": 30, **tls}

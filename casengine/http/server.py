@@ -29,6 +29,8 @@ class ServeSettings:
     create_on_push: bool = True
     gc_interval: float | None = None  #: seconds between background collections
     gc_grace: float = 3600.0
+    compression: str = "auto"  #: the engine's compression policy (casengine.compression)
+    compression_level: int | None = None
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -39,10 +41,13 @@ class ServeSettings:
 
 
 def build_app(settings: ServeSettings) -> RegistryApp:
+    from casengine.compression import Policy
     from casengine.engine import Engine
     from casengine.registry import Registry
 
-    engine = Engine.open(settings.root, index=settings.index, **settings.storage_options)
+    policy = Policy.parse(settings.compression, settings.compression_level)
+    engine = Engine.open(settings.root, index=settings.index, compression=policy,
+                         **settings.storage_options)
     registry = Registry(engine, create_on_push=settings.create_on_push)
     auth = None
     if settings.auth_file:

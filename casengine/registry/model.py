@@ -216,12 +216,13 @@ class Registry:
         return existed
 
     def ingest_blob(self, repo: str, source: Source, *, digest: str | Digest | None = None,
-                    size: int | None = None) -> IngestResult:
-        """Store a blob and link it in ``repo`` (a monolithic push)."""
+                    size: int | None = None, media_type: str | None = None) -> IngestResult:
+        """Store a blob and link it in ``repo`` (a monolithic push); ``media_type``, when
+        known, helps the engine's compression policy (see :meth:`Engine.ingest`)."""
         self._may_push(repo)
         if size is not None:  # refuse early what is known to be too big
             self.quotas.check_blob(repo, size, parse_digest(digest) if digest else None)
-        result = self.engine.ingest(source, digest=digest, size=size,
+        result = self.engine.ingest(source, digest=digest, size=size, media_type=media_type,
                                     check=lambda d, n: self.quotas.check_blob(repo, n, d))
         self._for_push(repo)
         self.link(repo, result.digest)

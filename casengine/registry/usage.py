@@ -4,7 +4,9 @@
   reference, manifests included, each blob counted once per repository. Kept up to date
   by :mod:`casengine.registry.model` as manifests come and go, so it is cheap to read.
 - **physical** bytes of a set of repositories: what storing them takes, each blob once
-  however many of them reference it. ``shared`` is the difference.
+  however many of them reference it. ``shared`` is the difference. **stored** bytes are
+  the same blobs as the backend holds them: smaller where a blob is stored compressed
+  (see :mod:`casengine.compression`).
 
 Blobs pushed but never referenced by a manifest (a failed or abandoned push) count
 nowhere; garbage collection reclaims them.
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from casengine.errors import InvalidInput, QuotaExceeded
+from casengine.index import unpack_blob
 from casengine.units import format_size
 
 if TYPE_CHECKING:
@@ -36,6 +39,7 @@ class Usage:
     repositories: int
     logical: int
     physical: int
+    stored: int = 0  #: the physical blobs' stored sizes (compressed ones count compressed)
 
     @property
     def shared(self) -> int:
@@ -51,7 +55,8 @@ class UsageReport:
     def to_json(self) -> dict:
         def one(u: Usage) -> dict:
             return {"name": u.name, "repositories": u.repositories, "logical_bytes": u.logical,
-                    "physical_bytes": u.physical, "shared_bytes": u.shared}
+                    "physical_bytes": u.physical, "shared_bytes": u.shared,
+                    "stored_bytes": u.stored}
 
         return {"total": one(self.total), "repositories": [one(u) for u in self.repositories],
                 "namespaces": [one(u) for u in self.namespaces]}
@@ -64,14 +69,20 @@ def _namespaces(repo: str) -> list[str]:
 
 def usage(registry: Registry, prefix: str = "") -> UsageReport:
     """Logical and physical bytes per repository and per namespace under ``prefix``."""
-    repos: dict[str, dict[str, int]] = {}
+    repos: dict[str, dict[bytes, int]] = {}
+    stored: dict[bytes, int] = {}
     with registry.index.transaction() as txn:
         for name in registry.repositories(prefix):
             blobs = {}
             for k, v in txn.scan("refs", (name + "\0").encode()):
                 count, size = _REF.unpack(v)
                 if count:
-                    blobs[k.split(b"\0", 1)[1]] = size
+                    digest = k.split(b"\0", 1)[1]
+                    blobs[digest] = size
+                    if digest not in stored:
+                        record = txn.get("blobs", digest)
+                        stored[digest] = size if record is None else unpack_blob(
+                            digest, record).stored_size
             repos[name] = blobs
 
     def combined(name: str, members: list[str]) -> Usage:
@@ -80,7 +91,8 @@ def usage(registry: Registry, prefix: str = "") -> UsageReport:
         for m in members:
             logical += sum(repos[m].values())
             union.update(repos[m])
-        return Usage(name, len(members), logical, sum(union.values()))
+        return Usage(name, len(members), logical, sum(union.values()),
+                     sum(stored[d] for d in union))
 
     per_repo = [combined(r, [r]) for r in repos]
     spaces: dict[str, list[str]] = {}
