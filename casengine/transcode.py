@@ -154,6 +154,13 @@ def needs_transcode(registry: Registry, repo: str, reference: str) -> bool:
                for doc in run.images(record.digest) for layer in doc["layers"])
 
 
+def made_by_transcode(registry: Registry, repo: str, reference: str) -> bool:
+    """Whether ``repo:reference`` is the output of a conversion (it names its source)."""
+    data, _ = registry.get_manifest(repo, reference)
+    annotations = json.loads(data).get("annotations") or {}
+    return SOURCE_ANNOTATION in annotations
+
+
 class _Run:
     def __init__(self, registry: Registry, repo: str, level: int, limits: Limits,
                  progress: Progress | None) -> None:
