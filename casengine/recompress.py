@@ -171,13 +171,15 @@ class GzipToZstd:
     """An iterable of the zstd bytes of a gzip stream's content (see the module doc).
 
     Once iterated to the end, :attr:`diff_id` and :attr:`size` name the tar inside (the
-    layer's ``diff_id``), checked on both sides, and ``bytes_in``/``bytes_out`` count
+    layer's ``diff_id``, which must be ``diff_id`` if given), checked on both sides, and ``bytes_in``/``bytes_out`` count
     the compressed bytes read and written. ``on_read(n)`` is called as input is consumed.
     """
 
     def __init__(self, source: Iterable[bytes], *, level: int = 3, limits: Limits = DEFAULT_LIMITS,
-                 what: str = "layer", on_read: Callable[[int], None] | None = None) -> None:
+                 what: str = "layer", diff_id: str | None = None,
+                 on_read: Callable[[int], None] | None = None) -> None:
         self._source = source
+        self._expected = diff_id
         self.level = level
         self.limits = limits
         self.what = what
@@ -203,11 +205,14 @@ class GzipToZstd:
             raise
         finally:
             compressed.close()
-        expected = f"sha256:{tar_sha.hexdigest()}"
-        if (digest, size) != (expected, self.size):
+        tar = f"sha256:{tar_sha.hexdigest()}"
+        if (digest, size) != (tar, self.size):
             raise IntegrityError(f"{self.what}: the zstd output decompresses to {digest} "
-                                 f"({size} bytes), the gzip input to {expected} ({self.size})")
-        self.diff_id = expected
+                                 f"({size} bytes), the gzip input to {tar} ({self.size})")
+        if self._expected is not None and tar != self._expected:
+            raise LayerInvalid(f"{self.what} holds the tar {tar}, but its config names "
+                               f"{self._expected}")
+        self.diff_id = tar
 
     def _zstd(self, tar: Iterator[bytes]) -> Iterator[bytes]:
         compressor = zstandard.ZstdCompressor(level=self.level, threads=-1, write_checksum=True)

@@ -170,7 +170,8 @@ class _Run:
         self.limits = limits
         self.progress = progress or (lambda event, n: None)
         self.docs: dict[str, dict[str, Any]] = {}  # manifests read, by digest
-        self.layers: dict[str, LayerReport] = {}  # this run's layers, by source digest
+        self.layers: dict[str, LayerReport] = {}  # this run's gzip layers, by source digest
+        self.kept: set[tuple[str, str]] = set()  # layers kept: digest, media type
         #: manifests to write, children first: digest -> (bytes, media type)
         self.pending: dict[str, tuple[bytes, str]] = {}
         self.report: Report | None = None
@@ -249,14 +250,17 @@ class _Run:
 
     def _layer(self, layer: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
         if layer["mediaType"] not in GZIP_LAYERS:
-            if layer["digest"] not in self.layers:
-                kept = LayerReport(layer["digest"], layer["digest"], layer["mediaType"],
-                                   "kept", layer["size"], layer["size"])
-                self.layers[layer["digest"]] = kept
-                self._report(kept)
+            if (layer["digest"], layer["mediaType"]) not in self.kept:
+                self.kept.add((layer["digest"], layer["mediaType"]))
+                self._report(LayerReport(layer["digest"], layer["digest"], layer["mediaType"],
+                                         "kept", layer["size"], layer["size"]))
             return _oci_descriptor(layer)
-        done = self.layers.get(layer["digest"]) or self._reuse(layer) or self._compress(layer)
-        self._check_diff_id(done, layer, doc)
+        expected = self._diff_id(doc, layer)
+        done = self.layers.get(layer["digest"]) or self._reuse(layer) \
+            or self._compress(layer, expected)
+        if expected is not None and done.diff_id != expected:
+            raise LayerInvalid(f"layer {layer['digest']} holds the tar {done.diff_id}, but "
+                               f"its config names {expected}")
         out = {k: v for k, v in layer.items() if k not in ("mediaType", "digest", "size")}
         return {"mediaType": LAYER_ZSTD, "digest": done.target, "size": done.bytes_out, **out}
 
@@ -280,10 +284,10 @@ class _Run:
         self._report(done)
         return done
 
-    def _compress(self, layer: dict[str, Any]) -> LayerReport:
+    def _compress(self, layer: dict[str, Any], diff_id: str | None) -> LayerReport:
         start = time.monotonic()
         source = self.registry.read_blob(self.repo, layer["digest"])
-        stream = GzipToZstd(source, level=self.level, limits=self.limits,
+        stream = GzipToZstd(source, level=self.level, limits=self.limits, diff_id=diff_id,
                             what=f"layer {layer['digest']}",
                             on_read=lambda n: self.progress("read", n))
         result = self.registry.ingest_blob(self.repo, stream)
@@ -297,16 +301,14 @@ class _Run:
         self._report(done)
         return done
 
-    def _check_diff_id(self, done: LayerReport, layer: dict[str, Any],
-                       doc: dict[str, Any]) -> None:
-        """The tar must be the one the image's config names, or the new image would be
-        refused at pull; the source then was broken already."""
+    def _diff_id(self, doc: dict[str, Any], layer: dict[str, Any]) -> str | None:
+        """The tar the image's config names for ``layer``, if it names one. A layer must
+        hold it, or the new image would be refused at pull (the source was broken)."""
         diff_ids = self._diff_ids(doc["config"]["digest"])
         position = [entry["digest"] for entry in doc["layers"]].index(layer["digest"])
-        if diff_ids is not None and position < len(diff_ids) \
-                and diff_ids[position] != done.diff_id:
-            raise LayerInvalid(f"layer {layer['digest']} holds the tar {done.diff_id}, but "
-                               f"its config names {diff_ids[position]}")
+        if diff_ids is None or position >= len(diff_ids):
+            return None
+        return str(diff_ids[position])
 
     def _diff_ids(self, config: str) -> list[str] | None:
         key = f"config:{config}"
