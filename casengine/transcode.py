@@ -351,3 +351,9 @@ def lookup(registry: Registry, source: str, level: int) -> dict[str, Any] | None
 def remember(registry: Registry, source: str, level: int, target: dict[str, Any]) -> None:
     with registry.index.transaction(write=True) as txn:
         txn.put(TABLE, _key(source, level), json.dumps(target).encode())
+
+
+def forget(registry: Registry, source: str, level: int) -> None:
+    """Drop the record, so the next conversion of ``source`` at ``level`` compresses again."""
+    with registry.index.transaction(write=True) as txn:
+        txn.delete(TABLE, _key(source, level))
