@@ -224,11 +224,17 @@ class GzipToZstd:
     def _zstd(self, tar: Iterator[bytes]) -> Iterator[bytes]:
         compressor = zstandard.ZstdCompressor(level=self.level, threads=-1, write_checksum=True)
         cobj = compressor.compressobj()
-        for chunk in tar:
-            out = cobj.compress(chunk)
-            if out:
+        try:
+            for chunk in tar:
+                out = cobj.compress(chunk)
+                if out:
+                    yield out
+            if out := cobj.flush():
                 yield out
-        yield cobj.flush()
+        finally:
+            close = getattr(tar, "close", None)
+            if close is not None:  # stops the gunzip thread when we stop early
+                close()
 
     def _gunzip(self, sha: Any) -> Iterator[bytes]:
         """The tar in the gzip stream (all of its members), hashed into ``sha``."""

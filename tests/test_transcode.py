@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -367,3 +368,35 @@ def test_cli(registry: Registry, tmp_path: Path) -> None:
         assert reg.tag_map("team/app") == {"v1": image.digest, "v1-zstd": out["target"],
                                            "z1": out["target"]}
         assert_converted(reg, "team/app", image.digest, out["target"])
+
+
+def pipeline_threads() -> list[str]:
+    names = ("casengine-gunzip", "casengine-zstd", "casengine-verify")
+    return [t.name for t in threading.enumerate() if t.name in names]
+
+
+def test_stopping_early_ends_every_stage() -> None:
+    """A consumer that stops (an ingest whose write failed) leaves no stage running."""
+    source = gz(images.payload("early", 20 << 20))
+    stream = iter(GzipToZstd([source[i:i + 65536] for i in range(0, len(source), 65536)]))
+    next(stream)
+    assert pipeline_threads()
+    stream.close()
+    assert pipeline_threads() == []
+
+
+def test_failed_write_publishes_nothing(tmp_path: Path) -> None:
+    from tests.helpers import FailingBackend, tmp_files
+
+    image = images.single_image(tmp_path / "src")
+    with Engine.open(str(tmp_path / "root")) as engine:
+        load(Registry(engine), image.layout, image.digest, "team/app", "v1")
+        blobs = engine.index.count_blobs()
+        failing = Engine(FailingBackend(engine.backend, fail_after=1 << 20), engine.index)
+        with pytest.raises(OSError, match="injected"):
+            transcode(Registry(failing), "team/app", "v1")
+        assert engine.index.count_blobs() == blobs
+        assert Registry(engine).tag_map("team/app") == {"v1": image.digest}
+        assert pipeline_threads() == []
+        assert tmp_files(engine) == []
+        assert Checker(Registry(engine)).run().clean
