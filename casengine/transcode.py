@@ -252,7 +252,8 @@ class _Run:
         if layer["mediaType"] not in GZIP_LAYERS:
             if (layer["digest"], layer["mediaType"]) not in self.kept:
                 self.kept.add((layer["digest"], layer["mediaType"]))
-                self._report(LayerReport(layer["digest"], layer["digest"], layer["mediaType"],
+                kept = _oci_descriptor(layer)
+                self._report(LayerReport(layer["digest"], layer["digest"], kept["mediaType"],
                                          "kept", layer["size"], layer["size"]))
             return _oci_descriptor(layer)
         expected = self._diff_id(doc, layer)
