@@ -45,6 +45,8 @@ T = TypeVar("T")
 OUT_CHUNK = 4 << 20
 #: Chunks waiting between two stages.
 DEPTH = 4
+#: zstd worker threads: one per CPU (-1), as ``zstd -T0``. The output does not depend on it.
+ZSTD_THREADS = -1
 #: gzip (and only gzip) framing for zlib.
 _GZIP = 16 + zlib.MAX_WBITS
 
@@ -222,7 +224,8 @@ class GzipToZstd:
         self.diff_id = tar
 
     def _zstd(self, tar: Iterator[bytes]) -> Iterator[bytes]:
-        compressor = zstandard.ZstdCompressor(level=self.level, threads=-1, write_checksum=True)
+        compressor = zstandard.ZstdCompressor(level=self.level, threads=ZSTD_THREADS,
+                                              write_checksum=True)
         cobj = compressor.compressobj()
         try:
             for chunk in tar:
