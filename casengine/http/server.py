@@ -132,6 +132,14 @@ class TranscodeOnPush:
                 log.error("transcode of %s:%s (%s) failed: %s", repo, tag, digest, exc)
             except Exception:  # a bug: keep serving, with the traceback in the log
                 log.exception("transcode of %s:%s (%s) failed", repo, tag, digest)
+            finally:
+                self._jobs.task_done()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every queued job is done; False if ``timeout`` came first."""
+        with self._jobs.all_tasks_done:
+            return self._jobs.all_tasks_done.wait_for(lambda: not self._jobs.unfinished_tasks,
+                                                      timeout)
 
     def convert(self, repo: str, tag: str, digest: str) -> None:
         from casengine.transcode import default_tag, made_by_transcode, needs_transcode, transcode
