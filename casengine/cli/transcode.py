@@ -67,6 +67,12 @@ def transcode(ctx: click.Context, ref: str, target: str, level: int, new_tag: st
         _show(report)
 
 
+def _short(digest: str) -> str:
+    """A layer digest as ``docker`` shows it: 12 hex digits (--json has them whole)."""
+    algorithm, _, hexdigest = digest.partition(":")
+    return f"{algorithm}:{hexdigest[:12]}"
+
+
 def _show(report: Report) -> None:
     from casengine.units import format_size
 
@@ -75,10 +81,10 @@ def _show(report: Report) -> None:
                f"({report.target})")
     for layer in report.layers:
         if layer.action == "kept":
-            click.echo(f"  {layer.source}  kept ({layer.media_type})")
+            click.echo(f"  {_short(layer.source)}  kept ({layer.media_type})")
             continue
         rate = layer.bytes_in / layer.seconds / 1e6 if layer.seconds else 0.0
-        click.echo(f"  {layer.source} -> {layer.target}  {layer.action}  "
+        click.echo(f"  {_short(layer.source)} -> {_short(layer.target)}  {layer.action:9s}  "
                    f"{format_size(layer.bytes_in)} -> {format_size(layer.bytes_out)} "
                    f"({layer.ratio:.2f})  {layer.seconds:.2f} s"
                    + (f"  {rate:.0f} MB/s" if layer.action == "converted" else ""))
