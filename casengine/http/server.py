@@ -2,6 +2,8 @@
 
 With several workers uvicorn starts each process from an import string, so the settings
 travel to :func:`app_from_env` as one JSON environment variable, parsed here at the edge.
+Background work of the server process lives here too: garbage collection every
+``--gc-interval``, and :class:`TranscodeOnPush` for ``--transcode-on-push``.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import os
 import queue
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from casengine.http.app import RegistryApp
 from casengine.registry.names import is_digest
+
+if TYPE_CHECKING:
+    from casengine.registry import Manifest, Registry
 
 ENV = "CASENGINE_SERVE_SETTINGS"
 log = logging.getLogger("casengine.http")
@@ -100,7 +105,7 @@ class TranscodeOnPush:
     in-process (no PUT), has no gzip layer, and its tag ends in ``-zstd``, which is skipped.
     """
 
-    def __init__(self, registry: Any, to: str, level: int, depth: int = 64) -> None:
+    def __init__(self, registry: Registry, to: str, level: int, depth: int = 64) -> None:
         self.registry = registry
         self.to = to
         self.level = level
@@ -110,7 +115,7 @@ class TranscodeOnPush:
                                         daemon=True)
         self._thread.start()
 
-    def __call__(self, repo: str, reference: str, manifest: Any) -> None:
+    def __call__(self, repo: str, reference: str, manifest: Manifest) -> None:
         if is_digest(reference) or reference.endswith(f"-{self.to}"):
             return  # an index's children (by digest), or a converted image
         try:
