@@ -8,6 +8,7 @@ tests/interop/test_transcode_skopeo.py pushes and pulls them with skopeo instead
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import threading
 from pathlib import Path
@@ -19,7 +20,7 @@ from casengine.check import Checker
 from casengine.engine import Engine
 from casengine.errors import DecompressionBomb, IntegrityError, LayerInvalid
 from casengine.gc import Collector
-from casengine.recompress import GzipToZstd, Limits
+from casengine.recompress import OUT_CHUNK, GzipToZstd, Limits
 from casengine.registry import Registry
 from casengine.transcode import (
     LAYER_ZSTD,
@@ -147,6 +148,14 @@ def test_stream_stops_a_bomb_early() -> None:
         b"".join(GzipToZstd([bomb], limits=Limits(max_ratio=100, ratio_after=1 << 20)))
     # the same zeros are fine under the default limits (a small layer of zeros is legitimate)
     assert len(b"".join(GzipToZstd([bomb]))) < 64 << 10
+
+
+def test_stream_steps_are_bounded_whatever_the_ratio() -> None:
+    """I6: one 64 KiB chunk of gzip that expands to 64 MiB comes out in pieces of at most
+    OUT_CHUNK, so no stage ever holds a whole layer."""
+    stream = GzipToZstd([gz(bytes(64 << 20))])
+    sizes = [len(piece) for piece in stream._gunzip(hashlib.sha256())]
+    assert sum(sizes) == 64 << 20 and max(sizes) <= OUT_CHUNK and len(sizes) >= 16
 
 
 # -- images ------------------------------------------------------------------------------------
