@@ -97,6 +97,14 @@ class ManifestNotFound(NotFound):
         self.reference = reference
 
 
+class LayerInvalid(InvalidInput):
+    """A compressed layer that does not decode (corrupt or truncated gzip); nothing was stored."""
+
+
+class DecompressionBomb(LayerInvalid):
+    """A layer that expands past the configured size or ratio limit; nothing was stored."""
+
+
 class QuotaExceeded(CASError):
     """The change would take a namespace over its quota; nothing was stored."""
 

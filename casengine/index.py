@@ -46,6 +46,7 @@ TABLES = (
     "referrers",  # repo \0 subject \0 digest -> descriptor (JSON)
     "quotas",  # namespace prefix -> limit in bytes
     "locks",  # name -> lease of the process holding it (one GC at a time)
+    "transcodes",  # source digest \0 zstd:level -> converted layer (JSON; a cache)
 )
 
 

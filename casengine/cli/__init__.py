@@ -19,6 +19,7 @@ from casengine.cli.common import Settings, run_guarded
 from casengine.cli.gc import gc
 from casengine.cli.registry import manifest, quota, repo, tag, usage
 from casengine.cli.serve import serve
+from casengine.cli.transcode import transcode
 from casengine.cli.uploads import uploads
 
 
@@ -50,6 +51,7 @@ def cli(ctx: click.Context, root: str, index: str | None, storage_options: tuple
 
 cli.add_command(blob)
 cli.add_command(uploads)
+cli.add_command(transcode)
 for command in (repo, tag, manifest, usage, quota, serve, auth, gc, check, reindex, bench):
     cli.add_command(command)
 

@@ -36,12 +36,18 @@ def _is_loopback(host: str) -> bool:
               help="Run garbage collection in the background this often (e.g. 6h).")
 @click.option("--gc-grace", default="1h", show_default=True, metavar="DURATION",
               help="Grace window of the background collection.")
+@click.option("--transcode-on-push", type=click.Choice(["zstd"]),
+              help="Convert each image pushed by tag to zstd in the background, tagged "
+                   "<tag>-zstd (the pushed tag stays as it is).")
+@click.option("--transcode-level", default=3, show_default=True, type=click.IntRange(1, 22),
+              help="zstd level for --transcode-on-push.")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str | None,
           tls_key: str | None, redirect: bool, auth_file: str | None, insecure: bool,
-          gc_interval: str | None, gc_grace: str, log_level: str) -> None:
+          gc_interval: str | None, gc_grace: str, transcode_on_push: str | None,
+          transcode_level: int, log_level: str) -> None:
     """Serve the store as an OCI Distribution (Docker Registry v2) registry."""
     try:
         import uvicorn
@@ -65,7 +71,8 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
     settings = ServeSettings(s.root, s.index, s.storage_options, redirect, auth_file,
                              gc_interval=parse_duration(gc_interval) if gc_interval else None,
                              gc_grace=parse_duration(gc_grace), compression=s.compression,
-                             compression_level=s.compression_level)
+                             compression_level=s.compression_level,
+                             transcode_on_push=transcode_on_push, transcode_level=transcode_level)
     tls = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key} if tls_cert else {}
     common = {"host": host, "port": port, "log_level": log_level, "access_log": False,
               "lifespan": "on", "timeout_keep_alive": 30, **tls}

@@ -128,8 +128,12 @@ class RegistryApp:
     """The ASGI application. ``registry`` is shared by every request of this process."""
 
     def __init__(self, registry: Registry, *, auth: Authorizer | None = None,
-                 redirect: bool = False, on_close: Callable[[], None] | None = None) -> None:
+                 redirect: bool = False, on_close: Callable[[], None] | None = None,
+                 on_manifest: Callable[[str, str, Any], None] | None = None) -> None:
         self.registry = registry
+        #: called (on the event loop: it must not block) with repository, reference and
+        #: the Manifest after each successful manifest PUT
+        self._on_manifest = on_manifest
         self.auth: Authorizer = auth or AllowAll()
         self.redirect = redirect
         self.metrics = Metrics()
@@ -425,6 +429,8 @@ class RegistryApp:
         data = await request.body(limit)
         manifest = await blocking(self.registry.put_manifest, name, reference, data,
                                   request.header("content-type"))
+        if self._on_manifest is not None:
+            self._on_manifest(name, reference, manifest)
         headers = {"Location": f"/v2/{name}/manifests/{manifest.digest}",
                    "Docker-Content-Digest": str(manifest.digest)}
         if manifest.subject is not None:

@@ -2,6 +2,8 @@
 
 With several workers uvicorn starts each process from an import string, so the settings
 travel to :func:`app_from_env` as one JSON environment variable, parsed here at the edge.
+Background work of the server process lives here too: garbage collection every
+``--gc-interval``, and :class:`TranscodeOnPush` for ``--transcode-on-push``.
 """
 
 from __future__ import annotations
@@ -9,11 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from casengine.http.app import RegistryApp
+from casengine.registry.names import is_digest
+
+if TYPE_CHECKING:
+    from casengine.registry import Manifest, Registry
 
 ENV = "CASENGINE_SERVE_SETTINGS"
 log = logging.getLogger("casengine.http")
@@ -31,6 +38,8 @@ class ServeSettings:
     gc_grace: float = 3600.0
     compression: str = "auto"  #: the engine's compression policy (casengine.compression)
     compression_level: int | None = None
+    transcode_on_push: str | None = None  #: convert pushed gzip images to this ("zstd")
+    transcode_level: int = 3
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -58,12 +67,18 @@ def build_app(settings: ServeSettings) -> RegistryApp:
     if settings.gc_interval:
         threading.Thread(target=_collect_every, name="casengine-gc", daemon=True,
                          args=(registry, settings.gc_interval, settings.gc_grace, stop)).start()
+    on_push = None
+    if settings.transcode_on_push:
+        on_push = TranscodeOnPush(registry, settings.transcode_on_push, settings.transcode_level)
 
     def close() -> None:
         stop.set()
+        if on_push is not None:
+            on_push.close()
         engine.close()
 
-    return RegistryApp(registry, auth=auth, redirect=settings.redirect, on_close=close)
+    return RegistryApp(registry, auth=auth, redirect=settings.redirect, on_close=close,
+                       on_manifest=on_push)
 
 
 def _collect_every(registry: Any, interval: float, grace: float, stop: threading.Event) -> None:
@@ -81,6 +96,81 @@ def _collect_every(registry: Any, interval: float, grace: float, stop: threading
             continue
         except CASError as exc:
             log.error("gc failed: %s", exc)
+
+
+class TranscodeOnPush:
+    """``serve --transcode-on-push``: converts each image pushed by tag in the background
+    and tags the result ``<tag>-zstd``.
+
+    The app calls it on the event loop after each manifest PUT; it only queues the job
+    (a bounded queue: when full, the push is logged and not converted). One worker thread
+    converts, off the event loop; its errors are logged and never reach the client, whose
+    push was answered already. It never touches the pushed tag, leaves a ``<tag>-zstd``
+    the client pushed itself alone, and cannot loop on its own output: that is stored
+    in-process (no PUT), has no gzip layer, and its tag ends in ``-zstd``, which is skipped.
+    """
+
+    def __init__(self, registry: Registry, to: str, level: int, depth: int = 64) -> None:
+        self.registry = registry
+        self.to = to
+        self.level = level
+        self._jobs: queue.Queue[tuple[str, str, str]] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="casengine-transcode",
+                                        daemon=True)
+        self._thread.start()
+
+    def __call__(self, repo: str, reference: str, manifest: Manifest) -> None:
+        if is_digest(reference) or reference.endswith(f"-{self.to}"):
+            return  # an index's children (by digest), or a converted image
+        try:
+            self._jobs.put_nowait((repo, reference, str(manifest.digest)))
+        except queue.Full:
+            log.warning("transcode queue full: %s:%s is not converted", repo, reference)
+
+    def _run(self) -> None:
+        from casengine.errors import CASError
+
+        while not self._stop.is_set():
+            try:
+                repo, tag, digest = self._jobs.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self.convert(repo, tag, digest)
+            except CASError as exc:
+                log.error("transcode of %s:%s (%s) failed: %s", repo, tag, digest, exc)
+            except Exception:  # a bug: keep serving, with the traceback in the log
+                log.exception("transcode of %s:%s (%s) failed", repo, tag, digest)
+            finally:
+                self._jobs.task_done()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every queued job is done; False if ``timeout`` came first."""
+        with self._jobs.all_tasks_done:
+            return self._jobs.all_tasks_done.wait_for(lambda: not self._jobs.unfinished_tasks,
+                                                      timeout)
+
+    def convert(self, repo: str, tag: str, digest: str) -> None:
+        from casengine.transcode import default_tag, made_by_transcode, needs_transcode, transcode
+
+        if not needs_transcode(self.registry, repo, digest):
+            return
+        new_tag = default_tag(tag, self.to)
+        if new_tag in self.registry.tag_map(repo) and not made_by_transcode(
+                self.registry, repo, new_tag):
+            log.warning("transcode of %s:%s skipped: %s was pushed by a client", repo, tag,
+                        new_tag)
+            return
+        report = transcode(self.registry, repo, digest, to=self.to, level=self.level,
+                           tag=new_tag)
+        log.info("transcoded %s:%s to %s (%d layers converted, %d reused)", repo, tag, new_tag,
+                 report.count("converted"), report.count("reused"))
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop after the conversion in progress (queued ones are dropped)."""
+        self._stop.set()
+        self._thread.join(timeout)
 
 
 def app_from_env() -> RegistryApp:

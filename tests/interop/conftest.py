@@ -61,6 +61,7 @@ class Server:
     root: Path
     log: Path
     port: int = 0
+    args: list[str] = field(default_factory=list)  #: more options for ``casengine serve``
     process: subprocess.Popen | None = None
     _log_file: Any = field(default=None, repr=False)
 
@@ -80,7 +81,8 @@ class Server:
             self.port = free_port()
             self._log_file = open(self.log, "ab")  # noqa: SIM115 (closed in stop)
             self.process = subprocess.Popen(
-                [*casengine_command(), "serve", "--host", LOOPBACK, "--port", str(self.port)],
+                [*casengine_command(), "serve", "--host", LOOPBACK, "--port", str(self.port),
+                 *self.args],
                 env=env, stdin=subprocess.DEVNULL, stdout=self._log_file,
                 stderr=subprocess.STDOUT)
             if self._wait_ready(timeout):
@@ -146,10 +148,11 @@ class Server:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
     """A running ``casengine serve`` over a fresh local root; stopped after the test, which
-    then fails if the server logged a traceback (every 5xx the adapter answers is logged)."""
-    srv = Server(tmp_path / "root", tmp_path / "serve.log")
+    then fails if the server logged a traceback (every 5xx the adapter answers is logged).
+    Parametrize it indirectly with a list of options to add to the command."""
+    srv = Server(tmp_path / "root", tmp_path / "serve.log", args=getattr(request, "param", []))
     srv.start()
     try:
         yield srv
