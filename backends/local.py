@@ -31,9 +31,10 @@ from casengine.backend import (
     Writer,
     check_key,
     check_prefix,
+    os_error,
     split_scheme,
 )
-from casengine.errors import BackendError, NotFound
+from casengine.errors import BackendError
 
 TMP_DIR = ".tmp"
 INDEX_DIR = ".index"
@@ -65,10 +66,8 @@ def _translated(what: str) -> Iterator[None]:
     """Map OS errors to the engine's errors, by type, in one place."""
     try:
         yield
-    except FileNotFoundError as exc:
-        raise NotFound(f"{what}: not found") from exc
     except OSError as exc:
-        raise BackendError(f"{what}: {exc.strerror or exc}") from exc
+        raise os_error(what, exc) from exc
 
 
 def _aligned(view: memoryview) -> bool:
@@ -283,7 +282,7 @@ class LocalBackend(Backend):
         except FileNotFoundError:
             return False
         except OSError as exc:
-            raise BackendError(f"deleting {key}: {exc.strerror}") from exc
+            raise os_error(f"deleting {key}", exc) from exc
         return True
 
     def list(self, prefix: str = "") -> Iterator[str]:

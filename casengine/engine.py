@@ -37,6 +37,7 @@ from casengine.index import BlobRecord, Index, LmdbIndex, Txn, unpack_blob
 from casengine.ingest import CHUNK, POOL, BufferPool, Source, WritePipeline, open_source
 from casengine.layout import RAW, blob_key
 from casengine.leases import is_live, new_lease
+from casengine.retry import retrying
 
 if TYPE_CHECKING:
     from casengine.uploads import Uploads
@@ -79,7 +80,7 @@ class Engine:
         ``index`` is the LMDB directory. By default a local root keeps it inside the root
         and ``memory://`` gets a temporary one; remote roots must name one.
         """
-        backend = open_backend(url, **storage_options)
+        backend = retrying(open_backend(url, **storage_options))  # transient faults: retry
         try:
             path = index or backend.default_index_path()
             if path is not None:
