@@ -19,7 +19,7 @@ import ctypes
 import os
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO
 
 from casengine.backend import (
@@ -347,6 +347,17 @@ class LocalBackend(Backend):
             os.unlink(os.path.join(top, "data"))
         with contextlib.suppress(FileNotFoundError, OSError):
             os.rmdir(top)
+
+    def purge_staging(self, older_than: float,
+                      in_use: Callable[[str], bool] = lambda key: False) -> int:
+        """Temp files of writers that died (``kill -9``) before commit or abort."""
+        purged = 0
+        for entry in os.scandir(self.tmp_dir):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.stat().st_mtime < older_than:
+                    os.unlink(entry.path)
+                    purged += 1
+        return purged
 
     def default_index_path(self) -> str:
         return os.path.join(self.root, INDEX_DIR)
