@@ -8,17 +8,22 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from casengine.check import Checker
 from casengine.digest import Digest
 from casengine.engine import Engine
-from casengine.layout import blob_key
-from tests.helpers import REPO
+from casengine.gc import ORPHAN_MIN_AGE, Collector
+from casengine.layout import blob_key, link_key, manifest_key, repo_key, tag_key
+from casengine.registry import Registry
+from tests.helpers import REPO, digest_of
 
 sys.path.insert(0, str(REPO / "tools"))
 import crash_matrix
@@ -58,3 +63,64 @@ def test_the_matrix_sees_a_lost_blob(tmp_path: Path) -> None:
     finally:
         server.stop()
 
+
+
+# -- what the matrix found: regressions --------------------------------------------------------
+
+
+def _age(path: str, seconds: float = ORPHAN_MIN_AGE + 60) -> None:
+    st = os.stat(path)
+    os.utime(path, (st.st_atime - seconds, st.st_mtime - seconds))
+
+
+def test_gc_reclaims_the_backend_records_of_a_push_killed_before_its_index_write(
+        tmp_path: Path) -> None:
+    with Engine.open(str(tmp_path / "root")) as engine:
+        reg = Registry(engine)
+        reg.create_repository("crash/a")
+        d = Digest.parse(digest_of(b"never acknowledged"))
+        records = [link_key("crash/a", d), manifest_key("crash/a", d), tag_key("crash/a", "v1"),
+                   repo_key("crash/b", "_repo")]
+        for key in records:
+            engine.backend.put(key, str(d).encode())
+        young = link_key("crash/a", Digest.parse(digest_of(b"a push in progress")))
+        engine.backend.put(young, b"")
+        kinds = {f.kind for f in Checker(reg).run().findings}
+        assert kinds == {"link-record", "manifest-record", "tag-record"}
+        for key in records:
+            _age(engine.backend.local_path(key))
+        report = Collector(reg, grace=0, orphans=True).run()
+        assert report.orphans == 4
+        assert sorted(engine.backend.list("repositories/")) == [repo_key("crash/a", "_repo"), young]
+        engine.backend.delete(young)
+        assert Checker(reg).run().clean
+
+
+def test_gc_takes_an_orphan_a_killed_collector_left_under_its_lease(tmp_path: Path) -> None:
+    with Engine.open(str(tmp_path / "root")) as engine:
+        data = b"taken, then the collector was killed"
+        digest = Digest.parse(digest_of(data))
+        engine.backend.put(blob_key(digest), data)
+        _age(engine.backend.local_path(blob_key(digest)))
+        dead = {"pid": 2**22 + 7, "host": socket.gethostname(), "token": "x",
+                "since": time.time()}
+        with engine.index.transaction(write=True) as txn:
+            txn.put("deleting", str(digest).encode(), json.dumps(dead).encode())
+        assert Collector(Registry(engine), grace=0, orphans=True).run().orphans == 1
+        assert list(engine.backend.list("blobs/")) == []
+
+
+def test_purge_removes_the_temp_files_of_writers_that_died(tmp_path: Path) -> None:
+    with Engine.open(str(tmp_path / "root")) as engine:
+        tmp = tmp_path / "root" / ".tmp"
+        dead = engine.backend.writer()
+        dead.write(b"partial")
+        live = engine.backend.writer()
+        live.write(b"in progress")
+        (old,) = [p for p in tmp.iterdir() if p.read_bytes() == b"partial"]
+        _age(str(old))
+        engine.uploads.purge()  # the default TTL: only the old temp file goes
+        assert [p.read_bytes() for p in tmp.iterdir()] == [b"in progress"]
+        assert live.commit("k") and engine.backend.get("k") == b"in progress"
+        dead.abort()
+        assert list(tmp.iterdir()) == []
