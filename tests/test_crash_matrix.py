@@ -23,6 +23,7 @@ from casengine.engine import Engine
 from casengine.gc import ORPHAN_MIN_AGE, Collector
 from casengine.layout import blob_key, link_key, manifest_key, repo_key, tag_key
 from casengine.registry import Registry
+from casengine.uploads import DEFAULT_TTL
 from tests.helpers import REPO, digest_of
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -118,7 +119,7 @@ def test_purge_removes_the_temp_files_of_writers_that_died(tmp_path: Path) -> No
         live = engine.backend.writer()
         live.write(b"in progress")
         (old,) = [p for p in tmp.iterdir() if p.read_bytes() == b"partial"]
-        _age(str(old))
+        _age(str(old), DEFAULT_TTL + 60)
         engine.uploads.purge()  # the default TTL: only the old temp file goes
         assert [p.read_bytes() for p in tmp.iterdir()] == [b"in progress"]
         assert live.commit("k") and engine.backend.get("k") == b"in progress"
