@@ -69,6 +69,7 @@ ORPHAN_MIN_AGE = 600.0
 BATCH = 1000
 
 Progress = Callable[[str, int], None]
+_NOT_A_RECORD = object()
 
 
 def _k(*parts: str) -> bytes:
@@ -441,27 +442,37 @@ class Collector:
         self._sweep_orphan_records(report, cutoff)
 
     def _sweep_orphan_records(self, report: GCReport, cutoff: float) -> None:
-        """Repository records in the backend that the index lacks: a crash between the
-        backend write and the index transaction of a push that was never acknowledged.
-        Only old ones: a push in progress writes its records just before its transaction."""
+        """Repository records in the backend that the index lacks, or a tag record that
+        names another manifest than the index: a crash between the backend write and the
+        index transaction of a push that was never acknowledged. The index holds what was
+        acknowledged, so an orphan record goes and a tag record is written again from the
+        index. Only old ones: a push in progress writes its records just before its
+        transaction."""
         backend = self.engine.backend
         for key in list(backend.list(REPOSITORIES)):
-            indexed = self._record_indexed(key[len(REPOSITORIES):])
-            if indexed is not False:
+            rel = key[len(REPOSITORIES):]
+            entry = self._index_entry(rel)
+            if entry is _NOT_A_RECORD or (entry is not None and "/_tags/" not in rel):
                 continue
             try:
+                if entry is not None and backend.get(key) == entry:
+                    continue
                 if backend.stat(key).mtime >= cutoff:
                     continue
             except FileNotFoundError:
                 continue
-            if not self.dry_run and (self._record_indexed(key[len(REPOSITORIES):]) is not False
-                                     or not backend.delete(key)):
-                continue
+            if not self.dry_run:
+                if self._index_entry(rel) != entry:
+                    continue  # changed meanwhile
+                if entry is None:
+                    backend.delete(key)
+                else:
+                    backend.put(key, entry)
             report.orphans += 1
             self.progress("orphans", 1)
 
-    def _record_indexed(self, rel: str) -> bool | None:
-        """Whether the index has the record ``repositories/<rel>``; None: not a record."""
+    def _index_entry(self, rel: str) -> Any:
+        """The index's value for the record ``repositories/<rel>`` (None: missing)."""
         for part, table in (("/_links/", "links"), ("/_manifests/", "manifests"),
                             ("/_tags/", "tags")):
             repo, sep, rest = rel.partition(part)
@@ -469,9 +480,9 @@ class Collector:
                 if table != "tags":
                     rest = rest.replace("/", ":", 1)
                 with self.index.transaction() as txn:
-                    return txn.get(table, _k(repo, rest)) is not None
+                    return txn.get(table, _k(repo, rest))
         repo, sep, rest = rel.rpartition("/")
         if sep and rest == "_repo":
             with self.index.transaction() as txn:
-                return txn.get("repos", repo.encode()) is not None
-        return None
+                return txn.get("repos", repo.encode())
+        return _NOT_A_RECORD

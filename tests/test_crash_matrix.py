@@ -84,16 +84,27 @@ def test_gc_reclaims_the_backend_records_of_a_push_killed_before_its_index_write
                    repo_key("crash/b", "_repo")]
         for key in records:
             engine.backend.put(key, str(d).encode())
+        # a re-tag whose index write never happened: the index says v2 is another manifest
+        other = Digest.parse(digest_of(b"acknowledged"))
+        with engine.index.transaction(write=True) as txn:
+            txn.put("tags", b"crash/a\0v2", str(other).encode())
+        engine.backend.put(tag_key("crash/a", "v2"), str(d).encode())
+        records.append(tag_key("crash/a", "v2"))
         young = link_key("crash/a", Digest.parse(digest_of(b"a push in progress")))
         engine.backend.put(young, b"")
         kinds = {f.kind for f in Checker(reg).run().findings}
-        assert kinds == {"link-record", "manifest-record", "tag-record"}
+        assert kinds == {"link-record", "manifest-record", "tag-record", "dangling-tag"}
         for key in records:
             _age(engine.backend.local_path(key))
         report = Collector(reg, grace=0, orphans=True).run()
-        assert report.orphans == 4
-        assert sorted(engine.backend.list("repositories/")) == sorted([repo_key("crash/a", "_repo"), young])
+        assert report.orphans == 5
+        assert sorted(engine.backend.list("repositories/")) == sorted(
+            [repo_key("crash/a", "_repo"), tag_key("crash/a", "v2"), young])
+        assert engine.backend.get(tag_key("crash/a", "v2")) == str(other).encode()
         engine.backend.delete(young)
+        with engine.index.transaction(write=True) as txn:
+            txn.delete("tags", b"crash/a\0v2")
+        engine.backend.delete(tag_key("crash/a", "v2"))
         assert Checker(reg).run().clean
 
 

@@ -10,6 +10,7 @@ gives :class:`StorageFull` and leaves nothing.
 from __future__ import annotations
 
 import errno
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from casengine.errors import (
     NotFound,
     StorageFull,
 )
-from casengine.gc import Collector
+from casengine.gc import ORPHAN_MIN_AGE, Collector
 from casengine.registry import Registry
 from casengine.retry import RetryingBackend, RetryPolicy, retrying
 from casengine.testing.backend_suite import BackendSuite
@@ -185,10 +186,15 @@ def _calm(faulty: FaultyBackend) -> None:
 
 
 def _settle(engine: Engine) -> None:
-    """check is clean apart from unacknowledged work; GC (grace 0) reclaims that work."""
+    """check is clean apart from unacknowledged work; GC (grace 0) reclaims that work once
+    it is older than GC's minimum orphan age (the files' times are moved back for that)."""
     reg = Registry(engine)
     report = Checker(reg, full=True).run()
     assert {f.kind for f in report.findings} <= UNACKNOWLEDGED, report.to_json()
+    for path in Path(engine.backend.root).rglob("*"):
+        if path.is_file() and ".index" not in path.parts:
+            st = path.stat()
+            os.utime(path, (st.st_atime, st.st_mtime - ORPHAN_MIN_AGE - 60))
     Collector(reg, grace=0, orphans=True).run()
     audit(engine)
     report = Checker(reg, full=True).run()
@@ -197,8 +203,9 @@ def _settle(engine: Engine) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_ingest_uploads_and_pushes_under_five_percent_faults(tmp_path: Path) -> None:
-    engine, faulty = _faulty_engine(tmp_path, "rate=0.05&stall_seconds=0.002&seed=5")
+@pytest.mark.parametrize("faults", ["rate=0.05&seed=5", "rate=0.04&enospc=0.01&seed=6"])
+def test_ingest_uploads_and_pushes_under_five_percent_faults(tmp_path: Path, faults: str) -> None:
+    engine, faulty = _faulty_engine(tmp_path, f"{faults}&stall_seconds=0.002")
     reg = Registry(engine)
     rng = random.Random(5)
     acked: dict[str, bytes] = {}
@@ -249,7 +256,7 @@ def test_ingest_uploads_and_pushes_under_five_percent_faults(tmp_path: Path) -> 
         assert b"".join(engine.read(digest)) == blob
     for tag, content in manifests.items():
         assert reg.get_manifest("t/app", tag)[0] == content
-    assert len(manifests) > 20
+    assert len(manifests) > 10
     engine.close()
 
 
