@@ -256,10 +256,10 @@ def cli(root: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def run(iterations: int, seed: int, root: str, *, clients: int = 3, max_delay: float = 1.0,
-        gc_chance: float = 0.3, log: Any = None) -> dict[str, Any]:
+        gc_chance: float = 0.3, workers: int = 1, log: Any = None) -> dict[str, Any]:
     rng = random.Random(seed)
     ledger = Ledger()
-    server = Server(root, Path(root).parent / f"{Path(root).name}-serve.log")
+    server = Server(root, Path(root).parent / f"{Path(root).name}-serve.log", workers)
     lost: list[str] = []
     kills = {"server": 0, "gc": 0}
     started = time.monotonic()
@@ -337,13 +337,14 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1, help="server processes (all killed)")
     parser.add_argument("--root", help="store directory (default: a fresh temp directory)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="crash-matrix-") as tmp:
         root = args.root or str(Path(tmp, "root"))
         report = run(args.iterations, args.seed, root, clients=args.clients,
-                     log=None if args.json else sys.stderr)
+                     workers=args.workers, log=None if args.json else sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
