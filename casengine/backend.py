@@ -16,7 +16,13 @@ and staging objects never show in :meth:`Backend.list`.
 
 Backends are found by URL scheme (:func:`open_backend`), never imported by name from the
 core: a lazy table of the built-in ones plus the ``casengine.backends`` entry-point group,
-and the generic fsspec backend for any other protocol fsspec knows.
+and the generic fsspec backend for any other protocol fsspec knows. ``wrapper+inner://``
+names a backend around another one (``faulty+file:///srv/cas``), built on
+:class:`BackendWrapper`.
+
+Backends translate their failures through :func:`os_error` and :func:`service_error`, so
+that all agree on what is transient (:class:`~casengine.errors.BackendUnavailable`, which
+:mod:`casengine.retry` retries) and what is not (a full disk, a refused request).
 """
 
 from __future__ import annotations
