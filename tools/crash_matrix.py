@@ -76,13 +76,31 @@ class Image:
     def digest(self) -> str:
         return digest_of(self.manifest)
 
+    def kept(self) -> Kept:
+        return Kept(self.repo, self.tag, self.manifest, tuple(self.blobs))
+
+
+@dataclass(frozen=True)
+class Kept:
+    """An acknowledged image as the ledger keeps it: the manifest, and its blobs' digests
+    (a blob that hashes to its digest is the pushed one, byte for byte)."""
+
+    repo: str
+    tag: str
+    manifest: bytes
+    blobs: tuple[str, ...]
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.manifest)
+
 
 @dataclass
 class Ledger:
     """What the server acknowledged, and what is known to have been deleted."""
 
-    images: dict[str, Image] = field(default_factory=dict)  # manifest digest -> image
-    blob_acks: list[tuple[str, str, bytes]] = field(default_factory=list)  # this iteration
+    images: dict[str, Kept] = field(default_factory=dict)  # manifest digest -> image
+    blob_acks: list[tuple[str, str]] = field(default_factory=list)  # (repo, digest), this iteration
     counts: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -187,7 +205,7 @@ class Client(threading.Thread):
             self.ledger.count("chunked")
         r.raise_for_status()
         with self.ledger.lock:
-            self.ledger.blob_acks.append((repo, digest, data))
+            self.ledger.blob_acks.append((repo, digest))
 
     def push(self, c: httpx.Client, image: Image) -> None:
         for digest, data in image.blobs.items():
@@ -198,7 +216,7 @@ class Client(threading.Thread):
             return  # a GC took a blob before the manifest came: the push failed, cleanly
         r.raise_for_status()
         with self.ledger.lock:
-            self.ledger.images[image.digest] = image
+            self.ledger.images[image.digest] = image.kept()
         self.ledger.count("manifests")
 
     def delete(self, c: httpx.Client) -> None:
@@ -220,13 +238,13 @@ class Client(threading.Thread):
         self.ledger.count("abandoned")
 
 
-def verify(url: str, images: list[Image], blob_acks: list[tuple[str, str, bytes]]) -> list[str]:
-    """What no longer reads back byte for byte."""
+def verify(url: str, images: list[Kept], blob_acks: list[tuple[str, str]]) -> list[str]:
+    """What no longer reads back byte for byte (as its digest says)."""
     lost = []
     with httpx.Client(base_url=url, timeout=60) as c:
-        for repo, digest, data in blob_acks:
+        for repo, digest in blob_acks:
             r = c.get(f"/v2/{repo}/blobs/{digest}")
-            if r.status_code != 200 or r.content != data:
+            if r.status_code != 200 or digest_of(r.content) != digest:
                 lost.append(f"blob {repo}@{digest}: {r.status_code}")
         for image in images:
             for ref in (image.tag, image.digest):
@@ -234,9 +252,9 @@ def verify(url: str, images: list[Image], blob_acks: list[tuple[str, str, bytes]
                           headers={"Accept": OCI_MANIFEST})
                 if r.status_code != 200 or r.content != image.manifest:
                     lost.append(f"manifest {image.repo}:{ref}: {r.status_code}")
-            for digest, data in image.blobs.items():
+            for digest in image.blobs:
                 r = c.get(f"/v2/{image.repo}/blobs/{digest}")
-                if r.status_code != 200 or r.content != data:
+                if r.status_code != 200 or digest_of(r.content) != digest:
                     lost.append(f"blob {image.repo}@{digest} of {image.tag}: {r.status_code}")
     return lost
 
