@@ -54,7 +54,7 @@ from casengine.backend import (
     split_scheme,
     wrapper_class,
 )
-from casengine.errors import ConfigError
+from casengine.errors import CASError, ConfigError
 
 T = TypeVar("T")
 PREFIX = "faulty+"
@@ -177,13 +177,15 @@ class FaultyBackend(BackendWrapper):
             r -= rate
         return None
 
-    def _raise(self, kind: str, what: str) -> None:
+    @staticmethod
+    def _error(kind: str, what: str) -> CASError:
+        """The error a backend's own translation gives for such a failure."""
         if kind == "enospc":
-            raise os_error(what, OSError(errno.ENOSPC, "No space left on device (injected)"))
+            return os_error(what, OSError(errno.ENOSPC, "No space left on device (injected)"))
         code = TRANSIENT[kind]
         if code is None:
-            raise os_error(what, OSError(errno.EIO, "Input/output error (injected)"))
-        raise service_error(what, code, f"{_MESSAGES[code]} (injected)")
+            return os_error(what, OSError(errno.EIO, "Input/output error (injected)"))
+        return service_error(what, code, f"{_MESSAGES[code]} (injected)")
 
     def faulted(self, op: str, what: str, fn: Callable[[], T], *, writes: bool = False,
                 changes: bool = False) -> T:
@@ -202,8 +204,7 @@ class FaultyBackend(BackendWrapper):
             return fn()
         if lost and changes:
             fn()
-        self._raise(base, what)
-        raise AssertionError("unreachable")
+        raise self._error(base, what)
 
     def count_written(self, n: int) -> None:
         with self._lock:
