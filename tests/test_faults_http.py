@@ -5,7 +5,7 @@ nothing is stored."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -16,7 +16,7 @@ from tests.http.conftest import Server, assert_error, start_server
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[callable]:
+def serve(tmp_path: Path) -> Iterator[Callable[[str], Server]]:
     servers: list[Server] = []
 
     def start(query: str) -> Server:
@@ -36,7 +36,7 @@ def _nothing_stored(server: Server, digest: str) -> None:
         assert tmp_files(reg.engine) == []
 
 
-def test_throttling_that_outlasts_the_retries_gives_503(serve: callable) -> None:
+def test_throttling_that_outlasts_the_retries_gives_503(serve: Callable[[str], Server]) -> None:
     server = serve("slowdown=1&lost_reply=0&calls=commit,publish")
     data = b"layer" * 1000
     digest = digest_of(data)
@@ -57,7 +57,7 @@ def test_throttling_that_outlasts_the_retries_gives_503(serve: callable) -> None
     _nothing_stored(server, digest)
 
 
-def test_a_full_disk_gives_500_with_the_reason(serve: callable) -> None:
+def test_a_full_disk_gives_500_with_the_reason(serve: Callable[[str], Server]) -> None:
     server = serve("full=1")
     data = b"x" * 100_000
     digest = digest_of(data)
