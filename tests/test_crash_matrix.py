@@ -32,7 +32,7 @@ import crash_matrix
 
 @pytest.mark.timeout(240)
 def test_kill_nine_at_random_moments_loses_nothing_acknowledged(tmp_path: Path) -> None:
-    report = crash_matrix.run(12, seed=20261127, root=str(tmp_path / "root"), max_delay=0.8)
+    report = crash_matrix.run(16, seed=20261127, root=str(tmp_path / "root"), max_delay=0.8)
     assert report["lost"] == []
     assert report["check_before_gc"]["unexpected"] == []
     assert report["check_after_gc"]["clean"], report["check_after_gc"]
@@ -40,7 +40,7 @@ def test_kill_nine_at_random_moments_loses_nothing_acknowledged(tmp_path: Path) 
     assert report["ok"], json.dumps(report, indent=1)
     counts = report["counts"]
     assert counts.get("manifests", 0) >= 5 and counts.get("chunked", 0) >= 5, counts
-    assert report["kills"]["server"] == 12
+    assert report["kills"]["server"] == 16
     assert report["images_kept"] > 0
 
 
