@@ -37,6 +37,7 @@ from casengine.digest import Digest, Hasher
 from casengine.errors import NotFound
 from casengine.index import BlobRecord, pack_blob, unpack_blob
 from casengine.layout import BLOBS, blob_key, link_key, manifest_key, parse_blob_key, repo_key
+from casengine.leases import is_live
 
 if TYPE_CHECKING:
     from casengine.registry import Registry
@@ -324,8 +325,9 @@ class Checker:
             if record is not None and record.codec == codec:
                 continue
             with self.index.transaction() as txn:
-                if txn.get("deleting", str(digest).encode()) is not None:
-                    continue  # being deleted right now
+                held = txn.get("deleting", str(digest).encode())
+            if held is not None and is_live(json.loads(held)):
+                continue  # being deleted right now (a dead lease: a killed collector's)
             finding = self._find(report, "orphan-object", str(digest),
                                  f"object {key} has no index record")
             if self.repair:

@@ -118,6 +118,7 @@ def test_gc_takes_an_orphan_a_killed_collector_left_under_its_lease(tmp_path: Pa
                 "since": time.time()}
         with engine.index.transaction(write=True) as txn:
             txn.put("deleting", str(digest).encode(), json.dumps(dead).encode())
+        assert [f.kind for f in Checker(Registry(engine)).run().findings] == ["orphan-object"]
         assert Collector(Registry(engine), grace=0, orphans=True).run().orphans == 1
         assert list(engine.backend.list("blobs/")) == []
 
