@@ -294,3 +294,21 @@ def test_s3_errors_are_translated_as_transient_or_not(code: str, transient: bool
             {"Error": {"Code": code, "Message": "m"}}, "PutObject")
     assert isinstance(info.value, BackendUnavailable) is transient
     assert code in str(info.value)
+
+
+def test_a_commit_whose_staging_cannot_be_discarded_still_succeeds(tmp_path: Path) -> None:
+    """The blob is published and the session gone: failing the request now would make the
+    client retry a commit of an upload that no longer exists. Purge takes the staging."""
+    engine, faulty = _faulty_engine(tmp_path, "")
+    data = pattern(3, 0, 200_000)
+    up = engine.uploads.start("t/app")
+    engine.uploads.append(up.id, data, 0)
+    faulty.plan = FaultPlan(http503=1, lost_reply=0, calls=frozenset({"discard"}))
+    assert str(engine.uploads.commit(up.id, digest_of(data)).digest) == digest_of(data)
+    assert list(engine.uploads.list()) == [] and engine.backend.retries == FAST.attempts - 1
+    assert b"".join(engine.read(digest_of(data))) == data
+    _calm(faulty)
+    assert list(engine.backend.list("uploads/")) != []
+    engine.uploads.purge(older_than=0)
+    assert list(engine.backend.list("uploads/")) == []
+    engine.close()
