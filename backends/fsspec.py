@@ -43,6 +43,7 @@ from casengine.backend import (
     Writer,
     check_key,
     check_prefix,
+    os_error,
 )
 from casengine.errors import BackendError, CASError, InvalidKey, NotFound
 
@@ -59,6 +60,8 @@ def _translated(what: str) -> Iterator[None]:
         raise
     except (FileNotFoundError, IsADirectoryError) as exc:  # a directory is no object either
         raise NotFound(f"{what}: not found") from exc
+    except OSError as exc:  # EIO, timeouts, resets are transient; a full disk is not
+        raise os_error(what, exc) from exc
     except Exception as exc:  # fsspec implementations raise their own error types
         raise BackendError(f"{what}: {type(exc).__name__}: {exc}") from exc
 

@@ -20,7 +20,7 @@ import mmap
 import os
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO
 
 from casengine.backend import (
@@ -32,9 +32,10 @@ from casengine.backend import (
     Writer,
     check_key,
     check_prefix,
+    os_error,
     split_scheme,
 )
-from casengine.errors import BackendError, NotFound
+from casengine.errors import BackendError
 
 TMP_DIR = ".tmp"
 INDEX_DIR = ".index"
@@ -70,10 +71,8 @@ def _translated(what: str) -> Iterator[None]:
     """Map OS errors to the engine's errors, by type, in one place."""
     try:
         yield
-    except FileNotFoundError as exc:
-        raise NotFound(f"{what}: not found") from exc
     except OSError as exc:
-        raise BackendError(f"{what}: {exc.strerror or exc}") from exc
+        raise os_error(what, exc) from exc
 
 
 def _aligned(view: memoryview) -> bool:
@@ -316,7 +315,7 @@ class LocalBackend(Backend):
         except FileNotFoundError:
             return False
         except OSError as exc:
-            raise BackendError(f"deleting {key}: {exc.strerror}") from exc
+            raise os_error(f"deleting {key}", exc) from exc
         return True
 
     def list(self, prefix: str = "") -> Iterator[str]:
@@ -381,6 +380,17 @@ class LocalBackend(Backend):
             os.unlink(os.path.join(top, "data"))
         with contextlib.suppress(FileNotFoundError, OSError):
             os.rmdir(top)
+
+    def purge_staging(self, older_than: float,
+                      in_use: Callable[[str], bool] = lambda key: False) -> int:
+        """Temp files of writers that died (``kill -9``) before commit or abort."""
+        purged = 0
+        for entry in os.scandir(self.tmp_dir):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.stat().st_mtime < older_than:
+                    os.unlink(entry.path)
+                    purged += 1
+        return purged
 
     def default_index_path(self) -> str:
         return os.path.join(self.root, INDEX_DIR)

@@ -9,10 +9,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import s3fs
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from fsspec.asyn import sync
 
-from casengine.errors import AlreadyExists, BackendError, CASError, Conflict, NotFound
+from casengine.backend import os_error, service_error
+from casengine.errors import (
+    AlreadyExists,
+    BackendError,
+    BackendUnavailable,
+    CASError,
+    Conflict,
+    NotFound,
+)
 
 MIB, GIB = 1 << 20, 1 << 30
 MIN_PART, MAX_PART, MAX_PARTS = 5 * MIB, 5 * GIB, 10_000  # S3's multipart limits
@@ -75,10 +84,18 @@ def _translated(what: str) -> Iterator[None]:
         raise
     except (OSError, BotoCoreError, ClientError) as exc:
         code = _error_code(exc)
-        cls = _BY_CODE.get(code or "", BackendError)
+        cls = _BY_CODE.get(code or "")
         if cls is NotFound:
             raise NotFound(f"{what}: not found") from exc
-        raise cls(f"{what}: {code or type(exc).__name__}: {exc}") from exc
+        if cls is not None:
+            raise cls(f"{what}: {code}: {exc}") from exc
+        if code is not None:  # throttling and 5xx are transient (casengine.backend)
+            raise service_error(what, code, str(exc)) from exc
+        if isinstance(exc, BotoConnectionError | HTTPClientError):  # timeouts, resets
+            raise BackendUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
+        if isinstance(exc, OSError):
+            raise os_error(what, exc) from exc
+        raise BackendError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
 def _for_completion(parts: Recorded) -> Parts:

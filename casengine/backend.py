@@ -16,11 +16,19 @@ and staging objects never show in :meth:`Backend.list`.
 
 Backends are found by URL scheme (:func:`open_backend`), never imported by name from the
 core: a lazy table of the built-in ones plus the ``casengine.backends`` entry-point group,
-and the generic fsspec backend for any other protocol fsspec knows.
+and the generic fsspec backend for any other protocol fsspec knows. ``wrapper+inner://``
+names a backend around another one (``faulty+file:///srv/cas``), built on
+:class:`BackendWrapper`.
+
+Backends translate their failures through :func:`os_error` and :func:`service_error`, so
+that all agree on what is transient (:class:`~casengine.errors.BackendUnavailable`, which
+:mod:`casengine.retry` retries) and what is not (a full disk, a refused request).
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -30,10 +38,12 @@ from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 from casengine.errors import (
     BackendError,
+    BackendUnavailable,
     ConfigError,
     InvalidKey,
     MissingExtra,
     NotFound,
+    StorageFull,
     UnknownScheme,
 )
 
@@ -297,6 +307,151 @@ class ServerCopy(Protocol):
     def copy(self, src: str, dst: str, *, exclusive: bool = False) -> bool: ...
 
 
+# -- transient or permanent: the one classification of backend failures ------------------
+#
+# Backends translate their own exceptions (by type or error code, never by message text)
+# through these two functions, so that every backend agrees on what a retry may fix.
+
+#: OS errors a retry may fix: I/O errors of network and FUSE filesystems, timeouts, resets.
+TRANSIENT_ERRNOS = frozenset({
+    errno.EIO, errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET,
+    errno.ECONNREFUSED, errno.ECONNABORTED, errno.ENETUNREACH, errno.EHOSTUNREACH,
+    errno.ESTALE})
+#: OS errors that mean the store is out of space: permanent until someone frees some.
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+#: Service error codes (S3 and friends) a retry may fix: throttling, 5xx, timeouts.
+TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException",
+    "RequestThrottled", "RequestLimitExceeded", "TooManyRequests", "TooManyRequestsException",
+    "ProvisionedThroughputExceededException", "RequestTimeout", "RequestTimeoutException",
+    "InternalError", "InternalFailure", "ServiceUnavailable", "ServiceUnavailableException",
+    "BandwidthLimitExceeded", "429", "500", "502", "503", "504"})
+
+
+def os_error(what: str, exc: OSError) -> BackendError | NotFound:
+    """The engine error for an OS error of the operation ``what``."""
+    if isinstance(exc, FileNotFoundError):
+        return NotFound(f"{what}: not found")
+    text = f"{what}: {exc.strerror or exc}"
+    if exc.errno in FULL_ERRNOS:
+        return StorageFull(text)
+    if exc.errno in TRANSIENT_ERRNOS or isinstance(exc, TimeoutError | ConnectionError):
+        return BackendUnavailable(text)
+    return BackendError(text)
+
+
+def service_error(what: str, code: str, message: str) -> BackendError:
+    """The engine error for a storage service's error ``code`` (``SlowDown``, ``503``)."""
+    cls = BackendUnavailable if code in TRANSIENT_CODES else BackendError
+    return cls(f"{what}: {code}: {message}")
+
+
+# -- wrappers: a backend around another one ----------------------------------------------
+
+
+class BackendWrapper(Backend):
+    """Delegates every primitive to ``inner``; subclasses change some (retries, faults).
+
+    Build one with :meth:`around`, which also declares exactly the optional capabilities
+    the inner backend has. Other attributes (a local root's ``root``) are the inner's.
+    """
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner.url)
+        self.inner = inner
+        self.schemes = inner.schemes
+        self.ephemeral = inner.ephemeral
+        self.min_chunk = inner.min_chunk
+
+    @classmethod
+    def around(cls, inner: Backend, *args: Any, **kwargs: Any) -> Self:
+        return wrapper_class(cls, type(inner))(inner, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r})"
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def writer(self, key_hint: str | None = None) -> Writer:
+        return self.inner.writer(key_hint)
+
+    def read(
+        self, key: str, start: int = 0, length: int | None = None, *, chunk_size: int = READ_CHUNK
+    ) -> Iterator[bytes]:
+        return self.inner.read(key, start, length, chunk_size=chunk_size)
+
+    def stat(self, key: str) -> ObjectInfo:
+        return self.inner.stat(key)
+
+    def delete(self, key: str) -> bool:
+        return self.inner.delete(key)
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        return self.inner.list(prefix)
+
+    def put(self, key: str, data: Buffer, *, exclusive: bool = False) -> bool:
+        return self.inner.put(key, data, exclusive=exclusive)
+
+    def append(self, key: str, state: dict, offset: int) -> Appender:
+        return self.inner.append(key, state, offset)
+
+    def publish_upload(self, key: str, state: dict, size: int, final: str, *,
+                       exclusive: bool = False) -> bool:
+        return self.inner.publish_upload(key, state, size, final, exclusive=exclusive)
+
+    def read_upload(self, key: str, state: dict) -> Iterator[bytes]:
+        return self.inner.read_upload(key, state)
+
+    def discard_upload(self, key: str, state: dict) -> None:
+        self.inner.discard_upload(key, state)
+
+    def purge_staging(self, older_than: float,
+                      in_use: Callable[[str], bool] = lambda key: False) -> int:
+        return self.inner.purge_staging(older_than, in_use)
+
+    def default_index_path(self) -> str | None:
+        return self.inner.default_index_path()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _LocalPathsOf:
+    inner: Any
+
+    def local_path(self, key: str) -> str:
+        return self.inner.local_path(key)
+
+
+class _PresignerOf:
+    inner: Any
+
+    def presign(self, key: str, expires: int = 300) -> str:
+        return self.inner.presign(key, expires)
+
+
+class _ServerCopyOf:
+    inner: Any
+
+    def copy(self, src: str, dst: str, *, exclusive: bool = False) -> bool:
+        return self.inner.copy(src, dst, exclusive=exclusive)
+
+
+@functools.cache
+def wrapper_class(cls: type, inner: type) -> type:
+    """``cls`` plus a delegating method for each optional capability ``inner`` has; a
+    wrapper's subclass may override them (the capability is the inner's either way)."""
+    mixins = tuple(m for name, m in (("local_path", _LocalPathsOf), ("presign", _PresignerOf),
+                                     ("copy", _ServerCopyOf))
+                   if callable(getattr(inner, name, None)))
+    if not mixins:
+        return cls
+    return type(cls.__name__, (*mixins, cls), {"__module__": cls.__module__})
+
+
 # -- finding a backend by URL -------------------------------------------------------------
 
 ENTRY_POINT_GROUP = "casengine.backends"
@@ -307,6 +462,7 @@ BUILTIN: dict[str, tuple[str, str | None]] = {
     "file": ("backends.local:LocalBackend", None),
     "s3": ("backends.s3:S3Backend", "s3"),
     "s3a": ("backends.s3:S3Backend", "s3"),
+    "faulty": ("backends.faulty:FaultyBackend", None),
 }
 FSSPEC_GENERIC = "backends.fsspec:FsspecBackend"
 
@@ -361,11 +517,16 @@ def _load(target: str, scheme: str) -> type[Backend]:
 
 
 def backend_class(scheme: str) -> type[Backend]:
+    """The class for ``scheme``. ``wrapper+inner`` (``faulty+file``) names a wrapper
+    backend, which opens the inner URL itself."""
     if scheme in BUILTIN:  # the common case needs no scan of installed packages
         return _load(BUILTIN[scheme][0], scheme)
     table = _registered()
     if scheme in table:
         return _load(table[scheme], scheme)
+    wrapper = scheme.partition("+")[0]
+    if wrapper != scheme and wrapper in table:
+        return _load(table[wrapper], wrapper)
     from fsspec.registry import known_implementations, registry
 
     if scheme in known_implementations or scheme in registry:

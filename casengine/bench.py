@@ -542,8 +542,8 @@ def _check(ok: bool, what: str) -> None:
 
 def run(engine: Engine, sizes: list[int], progress: Progress | None = None) -> Report:
     """Measure every limit and figure at each size on ``engine``'s backend; clean up."""
-    report = Report(engine.backend.url, type(engine.backend).__name__, list(sizes),
-                    machine_info())
+    backend = getattr(engine.backend, "inner", engine.backend)  # the one behind the retries
+    report = Report(engine.backend.url, type(backend).__name__, list(sizes), machine_info())
     t0 = time.perf_counter()
     with private_engine(engine) as scratch_engine:
         scratch = Scratch(engine.backend)

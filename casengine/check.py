@@ -46,6 +46,7 @@ from casengine.layout import (
     parse_blob_key,
     repo_key,
 )
+from casengine.leases import is_live
 from casengine.seekable import FrameDecoder, read_table
 
 if TYPE_CHECKING:
@@ -353,8 +354,9 @@ class Checker:
             if record is not None and record.codec == codec:
                 continue
             with self.index.transaction() as txn:
-                if txn.get("deleting", str(digest).encode()) is not None:
-                    continue  # being deleted right now
+                held = txn.get("deleting", str(digest).encode())
+            if held is not None and is_live(json.loads(held)):
+                continue  # being deleted right now (a dead lease: a killed collector's)
             finding = self._find(report, "orphan-object", str(digest),
                                  f"object {key} has no index record")
             if self.repair:

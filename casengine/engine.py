@@ -46,6 +46,7 @@ from casengine.index import BlobRecord, Index, LmdbIndex, Txn, unpack_blob
 from casengine.ingest import CHUNK, POOL, BufferPool, Source, WritePipeline, open_source
 from casengine.layout import RAW, ZST, blob_key
 from casengine.leases import is_live, new_lease
+from casengine.retry import retrying
 from casengine.seekable import TableCache, read_range, read_table
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class Engine:
         and ``memory://`` gets a temporary one; remote roots must name one.
         ``compression`` is how new blobs are stored (default: ``Policy()``, mode auto).
         """
-        backend = open_backend(url, **storage_options)
+        backend = retrying(open_backend(url, **storage_options))  # transient faults: retry
         try:
             path = index or backend.default_index_path()
             if path is not None:

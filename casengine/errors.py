@@ -147,6 +147,16 @@ class BackendError(CASError, OSError):
     exit_code = 7
 
 
+class BackendUnavailable(BackendError):
+    """A transient backend failure (throttling, 5xx, timeout, EIO): the same call may
+    succeed later. The engine retries these where that is safe (:mod:`casengine.retry`)."""
+
+
+class StorageFull(BackendError):
+    """The backend refuses writes for want of space (ENOSPC, EDQUOT): retrying cannot help
+    until space is freed; nothing of the refused write was published."""
+
+
 class ConfigError(CASError):
     """casengine was pointed at something it cannot open (URL, extra, index path)."""
 

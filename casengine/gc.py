@@ -34,9 +34,10 @@ The two races registries are known for cannot happen:
   blobs are linked. Whichever transaction runs second sees the first's outcome.
 
 Nothing here lists the backend, except the optional orphan pass, which looks for objects
-that no record names (left by a crash between publish and record) and removes those older
-than the grace window, and never younger than :data:`ORPHAN_MIN_AGE`, because a publish
-in progress has its object before its record.
+that no record names (left by a crash between publish and record), and for repository
+records in the backend that the index lacks (a crash between a push's backend write and its
+index transaction), and removes those older than the grace window, and never younger than
+:data:`ORPHAN_MIN_AGE`, because a publish in progress has its object before its record.
 
 A run holds the ``gc`` lock in the index, so two collectors never overlap; it can be
 interrupted at any point and run again.
@@ -55,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 from casengine.digest import Digest
 from casengine.errors import Conflict, NotFound
 from casengine.index import Txn, unpack_blob
-from casengine.layout import BLOBS, blob_key, link_key, parse_blob_key
+from casengine.layout import BLOBS, REPOSITORIES, blob_key, link_key, parse_blob_key
 from casengine.leases import is_live, new_lease
 from casengine.registry.model import _REF, link_time
 
@@ -68,6 +69,7 @@ ORPHAN_MIN_AGE = 600.0
 BATCH = 1000
 
 Progress = Callable[[str, int], None]
+_NOT_A_RECORD = object()
 
 
 def _k(*parts: str) -> bytes:
@@ -397,8 +399,9 @@ class Collector:
             value = txn.get("blobs", name)
             if value is not None and unpack_blob(name, value).codec == codec:
                 return False  # recorded meanwhile
-            if txn.get("deleting", name) is not None:
-                return False
+            held = txn.get("deleting", name)
+            if held is not None and is_live(json.loads(held)):
+                return False  # a dead one is what a collector killed mid-delete left
             txn.put("deleting", name, json.dumps(lease).encode())
         try:
             self.engine.backend.delete(key)
@@ -428,10 +431,58 @@ class Collector:
                 continue
             if self.dry_run:
                 with self.index.transaction() as txn:
-                    if txn.get("deleting", str(digest).encode()) is not None:
+                    held = txn.get("deleting", str(digest).encode())
+                    if held is not None and is_live(json.loads(held)):
                         continue
             elif not self._take_orphan(key, digest, codec):
                 continue
             report.orphans += 1
             report.orphan_bytes += info.size
             self.progress("orphans", 1)
+        self._sweep_orphan_records(report, cutoff)
+
+    def _sweep_orphan_records(self, report: GCReport, cutoff: float) -> None:
+        """Repository records in the backend that the index lacks, or a tag record that
+        names another manifest than the index: a crash between the backend write and the
+        index transaction of a push that was never acknowledged. The index holds what was
+        acknowledged, so an orphan record goes and a tag record is written again from the
+        index. Only old ones: a push in progress writes its records just before its
+        transaction."""
+        backend = self.engine.backend
+        for key in list(backend.list(REPOSITORIES)):
+            rel = key[len(REPOSITORIES):]
+            entry = self._index_entry(rel)
+            if entry is _NOT_A_RECORD or (entry is not None and "/_tags/" not in rel):
+                continue
+            try:
+                if entry is not None and backend.get(key) == entry:
+                    continue
+                if backend.stat(key).mtime >= cutoff:
+                    continue
+            except FileNotFoundError:
+                continue
+            if not self.dry_run:
+                if self._index_entry(rel) != entry:
+                    continue  # changed meanwhile
+                if entry is None:
+                    backend.delete(key)
+                else:
+                    backend.put(key, entry)
+            report.orphans += 1
+            self.progress("orphans", 1)
+
+    def _index_entry(self, rel: str) -> Any:
+        """The index's value for the record ``repositories/<rel>`` (None: missing)."""
+        for part, table in (("/_links/", "links"), ("/_manifests/", "manifests"),
+                            ("/_tags/", "tags")):
+            repo, sep, rest = rel.partition(part)
+            if sep and "/_" not in repo:
+                if table != "tags":
+                    rest = rest.replace("/", ":", 1)
+                with self.index.transaction() as txn:
+                    return txn.get(table, _k(repo, rest))
+        repo, sep, rest = rel.rpartition("/")
+        if sep and rest == "_repo":
+            with self.index.transaction() as txn:
+                return txn.get("repos", repo.encode())
+        return _NOT_A_RECORD

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from casengine import hashstate
 from casengine.digest import Digest, Hasher, parse_digest
 from casengine.errors import (
+    BackendError,
     Conflict,
     DigestMismatch,
     InvalidInput,
@@ -290,9 +291,13 @@ class Uploads:
         self._forget(upload_id, rec)
 
     def _forget(self, upload_id: str, rec: dict) -> None:
-        # record first: a crash after it leaves only staged bytes, which purge finds
+        # record first: a crash after it leaves only staged bytes, which purge finds; so
+        # does a failure to discard them, which must not fail a commit already published
         self.engine.index.update_upload(upload_id, lambda _: None)
-        self.engine.backend.discard_upload(upload_key(upload_id), rec["backend"])
+        try:
+            self.engine.backend.discard_upload(upload_key(upload_id), rec["backend"])
+        except BackendError as exc:
+            log.warning("upload %s: staged data left for purge: %s", upload_id, exc)
 
     def purge(self, older_than: float | None = None, *, dry_run: bool = False) -> PurgeReport:
         """Sweep sessions idle longer than ``older_than`` (default: the TTL).

@@ -48,8 +48,9 @@ def engine(s3store: Store) -> Iterator[Engine]:
 
 
 def s3(engine: Engine) -> S3Backend:
-    assert isinstance(engine.backend, S3Backend)
-    return engine.backend
+    backend = getattr(engine.backend, "inner", engine.backend)  # behind the retries
+    assert isinstance(backend, S3Backend)
+    return backend
 
 
 def state(engine: Engine, upload_id: str) -> dict:

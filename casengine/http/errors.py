@@ -23,7 +23,10 @@ _TABLE: list[tuple[type[BaseException], int, str]] = [
     (e.Conflict, 409, "BLOB_UPLOAD_INVALID"),
     (e.InvalidInput, 400, "UNSUPPORTED"),
     (e.NotFound, 404, "NAME_UNKNOWN"),
-    (e.BackendError, 503, "UNKNOWN"),
+    # transient (throttled, 5xx, timeout) after the engine's retries: the client may retry;
+    # any other storage failure (a full disk) is the server's: 500, with the reason
+    (e.BackendUnavailable, 503, "UNAVAILABLE"),
+    (e.BackendError, 500, "UNKNOWN"),
 ]
 
 

@@ -1,0 +1,381 @@
+#!/usr/bin/env python3
+"""The crash matrix: ``kill -9`` a real ``casengine serve`` (and a concurrent ``casengine gc``)
+at random moments of pushes, chunked uploads, manifest puts and deletes, many times.
+
+Each iteration starts the server if it is down, lets a few HTTP clients push images
+(monolithic and chunked blob uploads, a manifest under a fresh tag), delete manifests and
+abandon uploads, sometimes runs ``casengine gc`` beside them, and then kills the server
+(and the GC, if it still runs) with SIGKILL at a random moment. Everything the server
+acknowledged with a 2xx is written down. After each restart, what this iteration
+acknowledged must read back byte for byte; so must every manifest acknowledged so far and
+not deleted since, and its blobs.
+
+At the end: ``casengine check --full`` may report only unacknowledged work (objects or
+backend records without an index record); once it is older than GC's minimum orphan age
+(the tool moves the files' times back instead of waiting), ``uploads purge`` and
+``gc --grace 0 --orphans`` reclaim it, then ``check --full`` is clean, no temp or staged file is left, and every
+surviving acknowledged manifest and blob still reads back.
+
+    tools/crash_matrix.py --iterations 200 --seed 1 [--root DIR] [--json]
+
+Exit 0 when nothing acknowledged was lost and the store ends clean, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from casengine.gc import ORPHAN_MIN_AGE
+
+HOST = "127.0.0.1"
+CASENGINE = [sys.executable, "-c", "from casengine.cli import main; main()"]
+REPOS = ("crash/a", "crash/b", "crash/team/c")
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+#: check findings that unacknowledged work leaves (a crash between backend and index)
+UNACKNOWLEDGED = {"orphan-object", "link-record", "manifest-record", "tag-record"}
+#: GC during the run keeps anything younger: longer than an iteration, so what an
+#: iteration acknowledged is still there when it is verified after the restart
+RUN_GRACE = "5s"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Image:
+    repo: str
+    tag: str
+    manifest: bytes
+    blobs: dict[str, bytes]
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.manifest)
+
+    def kept(self) -> Kept:
+        return Kept(self.repo, self.tag, self.manifest, tuple(self.blobs))
+
+
+@dataclass(frozen=True)
+class Kept:
+    """An acknowledged image as the ledger keeps it: the manifest, and its blobs' digests
+    (a blob that hashes to its digest is the pushed one, byte for byte)."""
+
+    repo: str
+    tag: str
+    manifest: bytes
+    blobs: tuple[str, ...]
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.manifest)
+
+
+@dataclass
+class Ledger:
+    """What the server acknowledged, and what is known to have been deleted."""
+
+    images: dict[str, Kept] = field(default_factory=dict)  # manifest digest -> image
+    blob_acks: list[tuple[str, str]] = field(default_factory=list)  # (repo, digest), this iteration
+    counts: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, what: str) -> None:
+        with self.lock:
+            self.counts[what] = self.counts.get(what, 0) + 1
+
+
+class Server:
+    def __init__(self, root: str, log: Path, workers: int = 1) -> None:
+        self.root, self.log, self.workers = root, log, workers
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self) -> None:
+        port = free_port()
+        self.url = f"http://{HOST}:{port}"
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [*CASENGINE, "--root", self.root, "serve", "--host", HOST, "--port", str(port),
+                 "--workers", str(self.workers)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/v2/", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.02)
+        raise RuntimeError(f"casengine serve did not start: see {self.log}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+
+def _image(rng: random.Random, repo: str, tag: str) -> Image:
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "n": rng.getrandbits(64)}).encode()
+    layers = [rng.randbytes(rng.choice([1 << 10, 16 << 10, 300 << 10, 1 << 20, 3 << 20]))
+              for _ in range(rng.randint(1, 3))]
+    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                      "digest": digest_of(config), "size": len(config)},
+           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                       "digest": digest_of(b), "size": len(b)} for b in layers]}
+    blobs = {digest_of(b): b for b in (config, *layers)}
+    return Image(repo, tag, json.dumps(doc).encode(), blobs)
+
+
+class Client(threading.Thread):
+    """Pushes, deletes and abandons until stopped or the server goes away."""
+
+    def __init__(self, url: str, ledger: Ledger, rng: random.Random, name: str,
+                 stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.url, self.ledger, self.rng, self.label, self.stop = url, ledger, rng, name, stop
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as c, contextlib.suppress(
+                httpx.HTTPError):
+            n = 0
+            while not self.stop.is_set():
+                n += 1
+                op = self.rng.random()
+                if op < 0.7:
+                    self.push(c, _image(self.rng, self.rng.choice(REPOS), f"{self.label}-{n}"))
+                elif op < 0.9:
+                    self.delete(c)
+                else:
+                    self.abandon(c)
+
+    def push_blob(self, c: httpx.Client, repo: str, digest: str, data: bytes) -> None:
+        if self.rng.random() < 0.5:
+            r = c.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest}, content=data)
+            self.ledger.count("monolithic")
+        else:
+            r = c.post(f"/v2/{repo}/blobs/uploads/")
+            r.raise_for_status()
+            loc = r.headers["location"]
+            step = max(1, len(data) // self.rng.randint(1, 4))
+            for off in range(0, len(data), step):
+                piece = data[off:off + step]
+                r = c.patch(loc, content=piece, headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Range": f"{off}-{off + len(piece) - 1}"})
+                r.raise_for_status()
+                loc = r.headers["location"]
+            r = c.put(loc, params={"digest": digest})
+            self.ledger.count("chunked")
+        r.raise_for_status()
+        with self.ledger.lock:
+            self.ledger.blob_acks.append((repo, digest))
+
+    def push(self, c: httpx.Client, image: Image) -> None:
+        for digest, data in image.blobs.items():
+            self.push_blob(c, image.repo, digest, data)
+        r = c.put(f"/v2/{image.repo}/manifests/{image.tag}", content=image.manifest,
+                  headers={"Content-Type": OCI_MANIFEST})
+        if r.status_code == 400 and "MANIFEST_BLOB_UNKNOWN" in r.text:
+            return  # a GC took a blob before the manifest came: the push failed, cleanly
+        r.raise_for_status()
+        with self.ledger.lock:
+            self.ledger.images[image.digest] = image.kept()
+        self.ledger.count("manifests")
+
+    def delete(self, c: httpx.Client) -> None:
+        with self.ledger.lock:
+            if not self.ledger.images:
+                return
+            image = self.ledger.images.pop(self.rng.choice(sorted(self.ledger.images)))
+        # from here its fate is unknown until acknowledged: it is no longer expected
+        r = c.delete(f"/v2/{image.repo}/manifests/{image.digest}")
+        r.raise_for_status()
+        self.ledger.count("deletes")
+
+    def abandon(self, c: httpx.Client) -> None:
+        repo = self.rng.choice(REPOS)
+        r = c.post(f"/v2/{repo}/blobs/uploads/")
+        r.raise_for_status()
+        c.patch(r.headers["location"], content=self.rng.randbytes(50_000),
+                headers={"Content-Type": "application/octet-stream"}).raise_for_status()
+        self.ledger.count("abandoned")
+
+
+def verify(url: str, images: list[Kept], blob_acks: list[tuple[str, str]]) -> list[str]:
+    """What no longer reads back byte for byte (as its digest says)."""
+    lost = []
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for repo, digest in blob_acks:
+            r = c.get(f"/v2/{repo}/blobs/{digest}")
+            if r.status_code != 200 or digest_of(r.content) != digest:
+                lost.append(f"blob {repo}@{digest}: {r.status_code}")
+        for image in images:
+            for ref in (image.tag, image.digest):
+                r = c.get(f"/v2/{image.repo}/manifests/{ref}",
+                          headers={"Accept": OCI_MANIFEST})
+                if r.status_code != 200 or r.content != image.manifest:
+                    lost.append(f"manifest {image.repo}:{ref}: {r.status_code}")
+            for digest in image.blobs:
+                r = c.get(f"/v2/{image.repo}/blobs/{digest}")
+                if r.status_code != 200 or digest_of(r.content) != digest:
+                    lost.append(f"blob {image.repo}@{digest} of {image.tag}: {r.status_code}")
+    return lost
+
+
+def age(root: str, seconds: float) -> None:
+    """Move every object's mtime back: GC leaves orphans younger than ORPHAN_MIN_AGE alone
+    (a publish may be in progress), and this stands for the wait an operator would have."""
+    for path in Path(root).rglob("*"):
+        if path.is_file() and ".index" not in path.parts:
+            st = path.stat()
+            os.utime(path, (st.st_atime - seconds, st.st_mtime - seconds))
+
+
+def cli(root: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CASENGINE, "--root", root, *args], capture_output=True, text=True,
+                          timeout=600, check=False)
+
+
+def run(iterations: int, seed: int, root: str, *, clients: int = 3, max_delay: float = 1.0,
+        gc_chance: float = 0.3, workers: int = 1, log: Any = None) -> dict[str, Any]:
+    rng = random.Random(seed)
+    ledger = Ledger()
+    server = Server(root, Path(root).parent / f"{Path(root).name}-serve.log", workers)
+    lost: list[str] = []
+    kills = {"server": 0, "gc": 0}
+    started = time.monotonic()
+    try:
+        for i in range(iterations):
+            if server.proc is None:
+                server.start()
+            stop = threading.Event()
+            threads = [Client(server.url, ledger, random.Random(rng.getrandbits(64)),
+                              f"i{i}c{k}", stop) for k in range(clients)]
+            for t in threads:
+                t.start()
+            delay = rng.uniform(0.05, max_delay)
+            gc: subprocess.Popen[bytes] | None = None
+            if rng.random() < gc_chance:
+                time.sleep(delay * rng.random())
+                gc = subprocess.Popen([*CASENGINE, "--root", root, "gc", "--grace", RUN_GRACE],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(rng.uniform(0.05, 1.5))
+            else:
+                time.sleep(delay)
+            server.kill()
+            kills["server"] += 1
+            if gc is not None:
+                if gc.poll() is None:
+                    gc.send_signal(signal.SIGKILL)
+                    kills["gc"] += 1
+                gc.wait()
+            stop.set()
+            for t in threads:
+                t.join(60)
+            server.start()
+            with ledger.lock:
+                acks, ledger.blob_acks = ledger.blob_acks, []
+                images = list(ledger.images.values())
+            recent = [im for im in images if im.tag.startswith(f"i{i}c")]
+            sample = rng.sample(images, min(10, len(images)))
+            found = verify(server.url, [*recent, *sample], acks)
+            lost += [f"iteration {i}: {x}" for x in found]
+            if log is not None:
+                print(f"iteration {i}: {len(acks)} blob acks, {len(images)} images kept, "
+                      f"{'gc, ' if gc else ''}lost {len(found)}", file=log, flush=True)
+        server.stop()
+        before = json.loads(cli(root, "check", "--full", "--json").stdout)
+        unexpected = [f for f in before["findings"] if f["kind"] not in UNACKNOWLEDGED]
+        age(root, ORPHAN_MIN_AGE + 60)
+        purge = cli(root, "uploads", "purge", "--older-than", "0s")
+        gc_run = cli(root, "gc", "--grace", "0s", "--orphans")
+        after = json.loads(cli(root, "check", "--full", "--json").stdout)
+        leftovers = sorted(os.listdir(Path(root, ".tmp")))
+        staged = sorted(str(p.relative_to(root)) for p in Path(root, "uploads").rglob("*")
+                        if p.is_file()) if Path(root, "uploads").exists() else []
+        server.start()
+        final = verify(server.url, list(ledger.images.values()), [])
+        lost += [f"final: {x}" for x in final]
+    finally:
+        server.stop()
+    return {
+        "iterations": iterations, "seed": seed, "seconds": round(time.monotonic() - started, 1),
+        "kills": kills, "counts": ledger.counts, "images_kept": len(ledger.images),
+        "lost": lost,
+        "check_before_gc": {"clean": before["clean"],
+                            "kinds": sorted({f["kind"] for f in before["findings"]}),
+                            "unexpected": unexpected},
+        "purge_exit": purge.returncode, "gc_exit": gc_run.returncode,
+        "gc_output": gc_run.stdout.strip(),
+        "check_after_gc": after, "tmp_left": leftovers, "staged_left": staged,
+        "ok": not lost and not unexpected and after["clean"] and not leftovers and not staged
+              and purge.returncode == 0 and gc_run.returncode == 0,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1, help="server processes (all killed)")
+    parser.add_argument("--root", help="store directory (default: a fresh temp directory)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="crash-matrix-") as tmp:
+        root = args.root or str(Path(tmp, "root"))
+        report = run(args.iterations, args.seed, root, clients=args.clients,
+                     workers=args.workers, log=None if args.json else sys.stderr)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{report['iterations']} iterations in {report['seconds']} s: "
+              f"{report['kills']['server']} server kills, {report['kills']['gc']} gc kills, "
+              f"{report['counts']}; lost {len(report['lost'])}; check before gc: "
+              f"{report['check_before_gc']['kinds'] or 'clean'}; after gc: "
+              f"{'clean' if report['check_after_gc']['clean'] else report['check_after_gc']}; "
+              f"{'OK' if report['ok'] else 'FAILED'}")
+        for line in report["lost"][:20]:
+            print("  lost:", line)
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
