@@ -35,7 +35,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.fuzz.budget import PROFILE
 from tests.helpers import run_cli
-from tests.http.conftest import CRASH, Server, start_server
+from tests.http.conftest import CRASH, Server, start_server, tmp_files
 
 SPEC = resources.files("casengine.http") / "openapi.yaml"
 schema = schemathesis.openapi.from_path(str(SPEC))
@@ -111,6 +111,7 @@ def test_the_server_keeps_to_its_description(case: schemathesis.Case, api: Serve
 def test_the_run_left_nothing_half_done(api: Server) -> None:
     log = api.log.read_text(errors="replace")
     assert CRASH.search(log) is None, f"the server logged a crash:\n{log[-4000:]}"
+    assert tmp_files(api) == []  # no write was left half done
     with api.registry() as reg:
         left = {s.id for s in reg.engine.uploads.list()}
         assert left <= STARTED, f"sessions nobody was told about: {left - STARTED}"
