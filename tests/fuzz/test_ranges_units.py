@@ -159,7 +159,7 @@ def test_parse_duration_is_finite_or_refused(text: str) -> None:
         return
     assert math.isfinite(seconds) and seconds >= 0, (text, seconds)
     assert text.strip().isascii()
-    assert parse_duration(format_duration(seconds)) == pytest.approx(seconds, abs=0.5)
+    assert parse_duration(format_duration(seconds)) == pytest.approx(seconds, rel=1e-9, abs=0.5)
 
 
 @fuzz()
