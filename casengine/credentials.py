@@ -80,9 +80,10 @@ def verify_secret(secret: str, stored: str) -> bool:
             return False
         got = hashlib.scrypt(secret.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r),
                              p=int(p), dklen=32)
-    except (ValueError, TypeError):
+        expected = base64.b64decode(want)
+    except (ValueError, TypeError, OverflowError):  # a malformed stored hash verifies nothing
         return False
-    return hmac.compare_digest(got, base64.b64decode(want))
+    return hmac.compare_digest(got, expected)
 
 
 @dataclass(slots=True)

@@ -6,9 +6,12 @@ import re
 
 from casengine.errors import InvalidInput
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+# ASCII digits only (``\d`` takes any Unicode digit), and few enough that the value stays
+# finite: a thousand nines would make an infinite size or duration
+_NUMBER = r"[0-9]{1,30}(?:\.[0-9]{1,30})?"
+_DURATION = re.compile(rf"({_NUMBER})(ms|s|m|h|d|w)")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmgt])i?b?|b?)", re.IGNORECASE)
+_SIZE = re.compile(rf"({_NUMBER})\s*(?:([kmgt])i?b?|b?)", re.IGNORECASE)
 _BYTES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -18,7 +21,7 @@ def parse_duration(text: str) -> float:
     Units go from largest to smallest, each at most once.
     """
     s = text.strip().lower()
-    if re.fullmatch(r"\d+(?:\.\d+)?", s):
+    if re.fullmatch(_NUMBER, s):
         return float(s)
     parts = _DURATION.findall(s)
     units = [u for _, u in parts]

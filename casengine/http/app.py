@@ -112,7 +112,7 @@ def _digest(text: str) -> Digest:
 
 def _page_args(request: Request) -> tuple[int | None, str | None]:
     n = request.query.get("n")
-    if n is not None and (not n.isdigit() or len(n) > 9):
+    if n is not None and (not (n.isascii() and n.isdigit()) or len(n) > 9):  # not '²'
         raise HTTPError(400, "UNSUPPORTED", f"invalid n {n!r}: want a whole number")
     return (int(n) if n is not None else None), request.query.get("last")
 

@@ -156,8 +156,10 @@ def parse_manifest(data: bytes, content_type: str | None = None, *,
         raise ManifestTooLarge(f"manifest of {len(data)} bytes is over the {max_size} byte limit")
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # bad JSON or UTF-8, and ints of more than 4300 digits
         raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from exc
+    except RecursionError:  # a few thousand nested brackets fit well within the size limit
+        raise ManifestInvalid("manifest is not valid JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise ManifestInvalid("manifest is not a JSON object")
     version = doc.get("schemaVersion")

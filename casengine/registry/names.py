@@ -70,6 +70,8 @@ class Reference:
 
     @classmethod
     def parse(cls, text: str) -> Reference:
+        if not isinstance(text, str):
+            raise InvalidName(f"a reference must be a string, not {type(text).__name__}")
         if "@" in text:
             repo, _, digest = text.partition("@")
             return cls(check_name(repo), digest=Digest.parse(digest))
