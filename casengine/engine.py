@@ -36,8 +36,8 @@ from casengine.errors import (
     BlobNotFound,
     ConfigError,
     Conflict,
+    CorruptObject,
     DigestMismatch,
-    IntegrityError,
     InvalidInput,
     NotFound,
     SizeMismatch,
@@ -322,7 +322,7 @@ class Engine:
         if table is None:
             table, tail = read_table(self.backend, key, record.stored_size)
             if table.logical_size != record.size:
-                raise IntegrityError(f"stored object {key} holds {table.logical_size} bytes, "
+                raise CorruptObject(f"stored object {key} holds {table.logical_size} bytes, "
                                      f"the index says {record.size}: run 'casengine check'")
             self._tables.put(ident, table)
         return read_range(self.backend, key, table, start, length, chunk_size=chunk_size,

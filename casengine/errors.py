@@ -39,6 +39,10 @@ class IntegrityError(InvalidInput):
     exit_code = 5
 
 
+class CorruptObject(IntegrityError):
+    """A stored object is damaged (the store's fault, not the caller's): run ``check``."""
+
+
 class DigestMismatch(IntegrityError):
     def __init__(self, expected: object, actual: object) -> None:
         super().__init__(f"digest mismatch: expected {expected}, got {actual}")

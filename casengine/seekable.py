@@ -24,7 +24,7 @@ object's tail (:func:`read_table`).
 Everything read from storage is treated as hostile: :func:`parse_table` checks the table
 against the object's size and caps every frame at :data:`MAX_FRAME` logical bytes, and
 :func:`decode_frame` refuses a frame whose header or output disagrees with the table, so a
-corrupt object or a decompression bomb is a clean :class:`~casengine.errors.IntegrityError`
+corrupt object or a decompression bomb is a clean :class:`~casengine.errors.CorruptObject` (an IntegrityError)
 and memory stays bounded by one frame.
 """
 
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 import zstandard
 
-from casengine.errors import IntegrityError
+from casengine.errors import CorruptObject
 
 if TYPE_CHECKING:
     from casengine.backend import Backend, Buffer
@@ -69,8 +69,8 @@ _MIN_FRAME = 9
 _TABLE_OVERHEAD = _SKIP_HEADER.size + _FOOTER.size
 
 
-def _bad(key: str, why: str) -> IntegrityError:
-    return IntegrityError(f"stored object {key} is not valid seekable zstd: {why}; "
+def _bad(key: str, why: str) -> CorruptObject:
+    return CorruptObject(f"stored object {key} is not valid seekable zstd: {why}; "
                           "run 'casengine check'")
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from casengine.backend import Presigner
 from casengine.digest import Digest
-from casengine.errors import BlobNotFound, InvalidDigest
+from casengine.errors import BlobNotFound, CASError, InvalidDigest
 from casengine.http.asgi import (
     ClientGone,
     HTTPError,
@@ -171,7 +171,11 @@ class RegistryApp:
             state["status"] = state["status"] or 499
         except BaseException as exc:
             error = to_http(exc)
-            if error.status >= 500 and not isinstance(exc, HTTPError):
+            if isinstance(exc, CASError) and error.status >= 500:
+                # a known failure (the backend, damaged data): its message says it all, and
+                # a traceback per request would flood the log while a backend throttles
+                log.warning("%s %s: %s %s", request.method, request.path, error.status, exc)
+            elif error.status >= 500 and not isinstance(exc, HTTPError):
                 log.error("%s %s failed", request.method, request.path, exc_info=exc)
             if not isinstance(exc, Exception):
                 raise

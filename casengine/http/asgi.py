@@ -101,7 +101,7 @@ class Request:
         value = self.headers.get("content-length")
         if value is None:
             return None
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):  # '²' is a digit to isdigit()
             raise HTTPError(400, "SIZE_INVALID", f"invalid Content-Length {value!r}")
         return int(value)
 

@@ -21,6 +21,8 @@ _TABLE: list[tuple[type[BaseException], int, str]] = [
     (e.QuotaExceeded, 403, "DENIED"),
     (e.Unsupported, 415, "UNSUPPORTED"),
     (e.Conflict, 409, "BLOB_UPLOAD_INVALID"),
+    # damaged stored bytes are the server's fault, never the client's: a 5xx
+    (e.CorruptObject, 500, "UNKNOWN"),
     (e.InvalidInput, 400, "UNSUPPORTED"),
     (e.NotFound, 404, "NAME_UNKNOWN"),
     # transient (throttled, 5xx, timeout) after the engine's retries: the client may retry;

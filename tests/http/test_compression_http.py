@@ -45,3 +45,19 @@ def test_push_then_ranged_pulls(zst_server: Server, data: bytes) -> None:
     assert record.codec == "zst" and record.size == len(data)
     if len(data) > 1 << 20:
         assert record.stored_size < len(data) // 4
+
+
+def test_a_damaged_stored_object_is_a_server_error(zst_server: Server) -> None:
+    data = text(3 << 20) + b"damaged"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with httpx.Client(base_url=zst_server.url, timeout=60) as client:
+        assert client.post(f"/v2/t/zst/blobs/uploads/?digest={digest}",
+                           content=data).status_code == 201
+        stored = Path(zst_server.root) / "blobs" / "sha256" / digest[7:9] / f"{digest[7:]}.zst"
+        with stored.open("r+b") as f:  # lose the seek table's footer
+            f.truncate(stored.stat().st_size - 4)
+        r = client.get(f"/v2/t/zst/blobs/{digest}", headers={"Range": "bytes=10-20"})
+    # the store's fault, not the client's: a 5xx with an OCI error body, never a 4xx
+    assert r.status_code == 500, r.text
+    assert r.json()["errors"][0]["code"] == "UNKNOWN"
+    assert "check" in r.json()["errors"][0]["message"]
