@@ -49,6 +49,10 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _WRITEBACK_STEP = 1 << 20
 #: Unaligned data goes to O_DIRECT through a page-aligned buffer of this size.
 _BOUNCE = 1 << 20
+#: Bounce buffers kept for the next writer: a fresh mapping costs a page fault per page,
+#: which for a 1 MiB append is a good part of the time it takes.
+_spare_bounces: list[mmap.mmap] = []
+_SPARE_BOUNCES = 4
 
 
 def _load_sync_file_range():  # type: ignore[no-untyped-def]
@@ -131,7 +135,10 @@ class _FileSink:
             self._pwrite(self._direct, view)
         else:  # bytes from Python are rarely page-aligned: a copy is cheap next to the disk
             if self._bounce is None:
-                self._bounce = mmap.mmap(-1, _BOUNCE)
+                try:
+                    self._bounce = _spare_bounces.pop()
+                except IndexError:
+                    self._bounce = mmap.mmap(-1, _BOUNCE)
             bounce = memoryview(self._bounce)
             for off in range(0, len(view), _BOUNCE):
                 piece = view[off:off + _BOUNCE]
@@ -159,7 +166,10 @@ class _FileSink:
 
     def close(self, *, truncate: bool = False) -> None:
         if self._bounce is not None:
-            self._bounce.close()
+            if len(_spare_bounces) < _SPARE_BOUNCES:
+                _spare_bounces.append(self._bounce)  # list.append/pop are atomic
+            else:
+                self._bounce.close()
             self._bounce = None
         if self._direct is not None:
             os.close(self._direct)
