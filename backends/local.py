@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import mmap
 import os
 import sys
 import uuid
@@ -47,12 +46,6 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 #: disk writes while the caller still hashes, so the fdatasync that acknowledges a chunk
 #: waits only for the last step.
 _WRITEBACK_STEP = 1 << 20
-#: Unaligned data goes to O_DIRECT through a page-aligned buffer of this size.
-_BOUNCE = 1 << 20
-#: Bounce buffers kept for the next writer: a fresh mapping costs a page fault per page,
-#: which for a 1 MiB append is a good part of the time it takes.
-_spare_bounces: list[mmap.mmap] = []
-_SPARE_BOUNCES = 4
 
 
 def _load_sync_file_range():  # type: ignore[no-untyped-def]
@@ -114,37 +107,20 @@ class _FileSink:
             if not create:
                 os.ftruncate(self.fd, offset)  # drop what an unfinished append left
         self._direct = _open_direct(path)
-        self._bounce: mmap.mmap | None = None
         self.start = self.pos = self._flushed = offset
 
     def write(self, data: Buffer) -> None:
         view = memoryview(data).cast("B")
         with _translated(f"writing {self.path}"):
-            if self._direct is not None and self.pos % _ALIGN == 0:
-                whole = len(view) - len(view) % _ALIGN
-                if whole:
-                    self._write_direct(view[:whole])
-                    view = view[whole:]
-            if view:
+            if self._direct is not None and self.pos % _ALIGN == 0 and _aligned(view):
+                self._write_direct(view)
+            else:
                 self._write_buffered(view)
 
     def _write_direct(self, view: memoryview) -> None:
-        """Write whole pages past the page cache: the disk works while the caller hashes."""
+        """Whole pages from a page-aligned buffer go past the page cache."""
         assert self._direct is not None
-        if _aligned(view):
-            self._pwrite(self._direct, view)
-        else:  # bytes from Python are rarely page-aligned: a copy is cheap next to the disk
-            if self._bounce is None:
-                try:
-                    self._bounce = _spare_bounces.pop()
-                except IndexError:
-                    self._bounce = mmap.mmap(-1, _BOUNCE)
-            bounce = memoryview(self._bounce)
-            for off in range(0, len(view), _BOUNCE):
-                piece = view[off:off + _BOUNCE]
-                bounce[:len(piece)] = piece
-                self._pwrite(self._direct, bounce[:len(piece)])
-            bounce.release()
+        self._pwrite(self._direct, view)
         self._flushed = self.pos
 
     def _write_buffered(self, view: memoryview) -> None:
@@ -165,12 +141,6 @@ class _FileSink:
             os.fdatasync(self.fd)
 
     def close(self, *, truncate: bool = False) -> None:
-        if self._bounce is not None:
-            if len(_spare_bounces) < _SPARE_BOUNCES:
-                _spare_bounces.append(self._bounce)  # list.append/pop are atomic
-            else:
-                self._bounce.close()
-            self._bounce = None
         if self._direct is not None:
             os.close(self._direct)
             self._direct = None
