@@ -85,7 +85,7 @@ class Policy:
     level: int = DEFAULT_LEVEL
     margin: float = DEFAULT_MARGIN
     frame_size: int = FRAME_SIZE
-    threads: int = DEFAULT_THREADS  #: zstd workers per ingest; 0 or 1: the writer thread only
+    threads: int = DEFAULT_THREADS  #: frames compressed at once; 0 or 1: the writer thread only
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -31,10 +31,13 @@ and memory stays bounded by one frame.
 from __future__ import annotations
 
 import bisect
+import os
 import struct
+import threading
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from threading import Lock
 from typing import TYPE_CHECKING
@@ -279,8 +282,10 @@ class FrameEncoder:
     the caller's buffer; smaller pieces are gathered into one frame buffer first. Either way
     each frame is one call that knows its size (so zstd sizes its tables to it and records
     the content size in the frame header) and that blocks until done, so the caller's buffer
-    is free when :meth:`write` returns. Frames of 1 MiB or more use zstd's own ``threads``
-    workers when there are more than one.
+    is free when :meth:`write` returns. With ``threads`` > 1, up to that many frames are
+    compressed at once, each on its own worker from a copy of its bytes: independent
+    frames parallelize with no coordination, where zstd's own workers split one 4 MiB frame
+    into jobs too small to pay for themselves (measured: 585 against 551 MB/s single).
     """
 
     def __init__(self, emit: Callable[[bytes], None], level: int = 3,
@@ -291,7 +296,7 @@ class FrameEncoder:
         self._level = level
         self._threads = threads
         self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
-        self._mt: zstandard.ZstdCompressor | None = None
+        self._inflight: deque[tuple[Future[bytes], int]] = deque()
         self.frame_size = frame_size
         self.entries: list[tuple[int, int]] = []
         self._pending = bytearray()
@@ -313,13 +318,21 @@ class FrameEncoder:
 
     def _frame(self, data: Buffer) -> None:
         n = len(data)  # type: ignore[arg-type]
-        cctx = self._cctx
-        if self._threads > 1 and n >= 1 << 20:
-            if self._mt is None:
-                self._mt = zstandard.ZstdCompressor(level=self._level, write_checksum=True,
-                                                    threads=self._threads)
-            cctx = self._mt
-        out = cctx.compress(data)
+        if self._threads > 1:
+            # twice as many frames in flight as workers: one queued behind each running
+            # keeps every worker busy while this thread emits the oldest
+            while len(self._inflight) >= 2 * self._threads:
+                self._emit_oldest()
+            job = _compressors().submit(_compress_frame, self._level, bytes(data))
+            self._inflight.append((job, n))
+        else:
+            self._done(self._cctx.compress(data), n)
+
+    def _emit_oldest(self) -> None:
+        job, n = self._inflight.popleft()
+        self._done(job.result(), n)
+
+    def _done(self, out: bytes, n: int) -> None:
         self._emit(out)
         self.entries.append((len(out), n))
 
@@ -327,7 +340,30 @@ class FrameEncoder:
         if self._pending:
             self._frame(self._pending)
             self._pending = bytearray()
+        while self._inflight:
+            self._emit_oldest()
         self._emit(encode_table(self.entries))
+
+
+_local = threading.local()
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _compressors() -> ThreadPoolExecutor:
+    """Workers shared by every encoder: a frame is a bounded job, so none can hold one up."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="casengine-zstd")
+        return _pool
+
+
+def _compress_frame(level: int, data: bytes) -> bytes:
+    cctxs = _local.__dict__.setdefault("cctxs", {})
+    if level not in cctxs:  # a context per worker and level: made once, reused per frame
+        cctxs[level] = zstandard.ZstdCompressor(level=level, write_checksum=True)
+    return cctxs[level].compress(data)
 
 
 def compress(data: Buffer, level: int = 3, frame_size: int = FRAME_SIZE) -> bytes:
