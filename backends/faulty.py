@@ -264,53 +264,49 @@ class FaultyBackend(BackendWrapper):
                      changes=True)
 
 
-class _Writer(Writer):
-    def __init__(self, backend: FaultyBackend, inner: Writer) -> None:
+class _Faulted:
+    """What a faulty writer and appender share: the inner object, its size, faulted writes."""
+
+    def __init__(self, backend: FaultyBackend, inner: Writer | Appender) -> None:
         self._backend = backend
         self._inner = inner
 
-    @property  # type: ignore[override]
+    @property
     def size(self) -> int:
         return self._inner.size
 
-    def write(self, data: Buffer) -> None:
+    def _write(self, data: Buffer, what: str) -> None:
         def write() -> None:
             self._backend.count_written(len(memoryview(data).cast("B")))
             self._inner.write(data)
 
-        self._backend.faulted("write", "writing", write, writes=True)
+        self._backend.faulted("write", what, write, writes=True)
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+
+class _Writer(_Faulted, Writer):
+    _inner: Writer
+
+    def write(self, data: Buffer) -> None:
+        self._write(data, "writing")
 
     def commit(self, key: str, *, exclusive: bool = False) -> bool:
         return self._backend.faulted("commit", f"committing {key}",
                                      lambda: self._inner.commit(key, exclusive=exclusive),
                                      writes=True, changes=True)
 
-    def abort(self) -> None:
-        self._inner.abort()
 
-
-class _Appender(Appender):
-    def __init__(self, backend: FaultyBackend, inner: Appender) -> None:
-        self._backend = backend
-        self._inner = inner
-
-    @property  # type: ignore[override]
-    def size(self) -> int:
-        return self._inner.size
+class _Appender(_Faulted, Appender):
+    _inner: Appender
 
     def write(self, data: Buffer) -> None:
-        def write() -> None:
-            self._backend.count_written(len(memoryview(data).cast("B")))
-            self._inner.write(data)
-
-        self._backend.faulted("write", "appending", write, writes=True)
+        self._write(data, "appending")
 
     def finish(self) -> dict:
         return self._backend.faulted("finish", "finishing an append", self._inner.finish, writes=True,
                                      changes=True)
-
-    def abort(self) -> None:
-        self._inner.abort()
 
 
 def _open_inner(url: str, options: dict[str, Any]) -> tuple[Backend, FaultPlan]:

@@ -39,7 +39,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from threading import Lock
 from typing import TYPE_CHECKING
 
 import zstandard
@@ -360,7 +359,9 @@ def _compressors() -> ThreadPoolExecutor:
 
 
 def _compress_frame(level: int, data: bytes) -> bytes:
-    cctxs = _local.__dict__.setdefault("cctxs", {})
+    cctxs = getattr(_local, "cctxs", None)
+    if cctxs is None:
+        cctxs = _local.cctxs = {}
     if level not in cctxs:  # a context per worker and level: made once, reused per frame
         cctxs[level] = zstandard.ZstdCompressor(level=level, write_checksum=True)
     return cctxs[level].compress(data)
@@ -382,7 +383,7 @@ class TableCache:
     def __init__(self, size: int = 64) -> None:
         self._size = size
         self._tables: OrderedDict[tuple, SeekTable] = OrderedDict()
-        self._lock = Lock()
+        self._lock = threading.Lock()
 
     def get(self, ident: tuple) -> SeekTable | None:
         with self._lock:
