@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import IO, TYPE_CHECKING, Any, Self
 
-from casengine.backend import READ_CHUNK, Backend, Writer, open_backend
+from casengine.backend import READ_CHUNK, Backend, LocalPaths, Writer, open_backend
 from casengine.compression import BlobSink, Policy
 from casengine.digest import DEFAULT_ALGORITHM, Digest, Hasher, parse_digest
 from casengine.errors import (
@@ -327,6 +328,22 @@ class Engine:
             self._tables.put(ident, table)
         return read_range(self.backend, key, table, start, length, chunk_size=chunk_size,
                           tail=tail)
+
+    def open_file(self, digest: str | Digest) -> IO[bytes] | None:
+        """The blob's logical bytes as an open local file, for zero-copy sends (``sendfile``);
+        None unless the backend keeps objects in local files and the blob is stored raw."""
+        record = self.stat(digest)
+        if record.codec != RAW or not isinstance(self.backend, LocalPaths):
+            return None
+        path = self.backend.local_path(blob_key(parse_digest(record.digest), RAW))
+        try:
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
+        except FileNotFoundError:
+            return None  # read() tells the caller what is wrong
+        if os.fstat(f.fileno()).st_size != record.size:
+            f.close()
+            return None  # damaged: read() and check report it; never send a short body
+        return f
 
     def read_bytes(self, digest: str | Digest) -> bytes:
         """A whole small blob (manifest, config) in memory. Never use it for layers."""

@@ -57,6 +57,7 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
         raise MissingExtra("casengine serve needs the 'server' extra: "
                            "pip install 'casengine[server]'") from exc
     from casengine.errors import ConfigError
+    from casengine.http.protocol import ZeroCopyProtocol
     from casengine.http.server import ENV, ServeSettings, build_app
 
     if not auth_file and not insecure and not _is_loopback(host):
@@ -75,7 +76,7 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
                              transcode_on_push=transcode_on_push, transcode_level=transcode_level)
     tls = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key} if tls_cert else {}
     common = {"host": host, "port": port, "log_level": log_level, "access_log": False,
-              "lifespan": "on", "timeout_keep_alive": 30, **tls}
+              "http": ZeroCopyProtocol, "lifespan": "on", "timeout_keep_alive": 30, **tls}
     if workers == 1:
         app = build_app(settings)  # open the store now: a bad root fails before binding
         uvicorn.run(app, **common)

@@ -29,6 +29,9 @@ T = TypeVar("T")
 
 #: How much request body a worker thread takes from the event loop per hop.
 BODY_BATCH = 1 << 20
+#: The ASGI extension for file bodies sent by the server (``sendfile``): a message of this
+#: type has ``file``, ``offset``, ``count`` and ``more_body``. See casengine.http.protocol.
+ZEROCOPY = "http.response.zerocopy"
 #: Worker threads for blocking engine calls, per process.
 _LIMITER: anyio.CapacityLimiter | None = None
 
@@ -200,13 +203,17 @@ class _Failed:
 _END = object()
 
 
+async def start_response(send: Send, status: int, headers: dict[str, str]) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(k.lower().encode("latin-1"), str(v).encode("latin-1"))
+                            for k, v in headers.items()]})
+
+
 async def respond(send: Send, status: int, headers: dict[str, str], body: bytes = b"",
                   *, head: bool = False) -> None:
     if "content-length" not in {k.lower() for k in headers}:
         headers = {**headers, "Content-Length": str(len(body))}
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(k.lower().encode("latin-1"), str(v).encode("latin-1"))
-                            for k, v in headers.items()]})
+    await start_response(send, status, headers)
     await send({"type": "http.response.body", "body": b"" if head else body})
 
 

@@ -11,13 +11,17 @@ class Metrics:
         self._requests: Counter[tuple[str, str, int]] = Counter()
         self._bytes_in: Counter[str] = Counter()
         self._bytes_out: Counter[str] = Counter()
+        self._zerocopy = 0
         self._lock = threading.Lock()
 
-    def observe(self, route: str, method: str, status: int, bytes_in: int, bytes_out: int) -> None:
+    def observe(self, route: str, method: str, status: int, bytes_in: int, bytes_out: int,
+                zerocopy: int = 0) -> None:
+        """One request; ``zerocopy`` is the part of ``bytes_out`` sent with ``sendfile``."""
         with self._lock:
             self._requests[(route, method, status)] += 1
             self._bytes_in[route] += bytes_in
             self._bytes_out[route] += bytes_out
+            self._zerocopy += zerocopy
 
     def render(self, open_uploads: int) -> str:
         lines = ["# HELP casengine_http_requests_total HTTP requests by route, method and status.",
@@ -32,6 +36,9 @@ class Metrics:
                           f"# TYPE casengine_http_bytes_{name}_total counter"]
                 lines += [f'casengine_http_bytes_{name}_total{{route="{r}"}} {n}'
                           for r, n in sorted(counter.items())]
+            lines += ["# HELP casengine_http_zerocopy_bytes_total Body bytes sent with sendfile.",
+                      "# TYPE casengine_http_zerocopy_bytes_total counter",
+                      f"casengine_http_zerocopy_bytes_total {self._zerocopy}"]
         lines += ["# HELP casengine_upload_sessions_open Upload sessions not yet committed.",
                   "# TYPE casengine_upload_sessions_open gauge",
                   f"casengine_upload_sessions_open {open_uploads}"]

@@ -23,7 +23,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from casengine.backend import READ_CHUNK
 from casengine.digest import Digest, parse_digest
@@ -204,6 +204,12 @@ class Registry:
                   length: int | None = None, *, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
         self.stat_blob(repo, digest)
         return self.engine.read(digest, start, length, chunk_size=chunk_size)
+
+    def open_blob_file(self, repo: str, digest: str | Digest) -> IO[bytes] | None:
+        """The blob as an open local file for zero-copy sends, or None (see
+        :meth:`Engine.open_file`)."""
+        self.stat_blob(repo, digest)
+        return self.engine.open_file(digest)
 
     def unlink(self, repo: str, digest: str | Digest) -> bool:
         """Remove the blob from ``repo`` (the bytes stay for GC); False if it was not there."""

@@ -122,7 +122,7 @@ _RUNNING: list[Server] = []
 
 def _answers(url: str) -> bool:
     try:
-        return httpx.get(f"{url}/v2/", timeout=2).status_code == 200
+        return httpx.get(f"{url}/v2/", timeout=2, verify=False).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -152,7 +152,7 @@ def start_server(root: str, log_dir: Path, *, index: str | None = None,
                 [*CASENGINE, *global_args, "serve", "--host", HOST, "--port", str(port), *args],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=full_env,
                 start_new_session=True)
-        url = f"http://{HOST}:{port}"
+        url = f"{'https' if '--tls-cert' in args else 'http'}://{HOST}:{port}"
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline and proc.poll() is None:
             if _answers(url):
