@@ -197,3 +197,30 @@ def test_sendfile_all_gives_up_on_a_stalled_reader(tmp_path: Path) -> None:
         sender.close()
         reader.close()
 
+
+
+def test_empty_blob(client: httpx.Client, repo: str) -> None:
+    digest = push_blob(client, repo, b"")
+    r = client.get(f"/v2/{repo}/blobs/{digest}")
+    assert r.status_code == 200
+    assert r.headers["content-length"] == "0" and r.content == b""
+    assert client.head(f"/v2/{repo}/blobs/{digest}").headers["content-length"] == "0"
+
+
+def test_blob_deleted_while_being_sent(server: Server, client: httpx.Client, repo: str) -> None:
+    """The open file keeps its bytes: a pull that began before the stored object was
+    deleted (as GC deletes it) ends complete, and the next one is a clean error."""
+    data = os.urandom(32 << 20)
+    digest = push_blob(client, repo, data)
+    with client.stream("GET", f"/v2/{repo}/blobs/{digest}") as r:
+        assert r.status_code == 200
+        received = bytearray()
+        deleted = False
+        for piece in r.iter_raw():
+            received += piece
+            if not deleted and len(received) >= 1 << 20:
+                with server.registry() as reg:
+                    assert reg.engine.delete(digest)
+                deleted = True
+        assert deleted and bytes(received) == data
+    assert client.get(f"/v2/{repo}/blobs/{digest}").status_code == 404
