@@ -85,10 +85,20 @@ def canon(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
+_TAKEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port, never one handed out before in this run: the kernel may give
+    a just-closed port again, and two servers on one port would measure one server twice
+    (the second's requests answered by the first)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _TAKEN:
+            _TAKEN.add(port)
+            return port
 
 
 # -- CPU accounting ---------------------------------------------------------------------------
@@ -177,7 +187,9 @@ class Server:
                                        f"{self.log_tail()}")
                 with contextlib.suppress(httpx.HTTPError):
                     if client.get(f"{self.url}/v2/").status_code == 200:
-                        return
+                        time.sleep(0.2)  # a server that lost its port exits at once
+                        if self.proc.poll() is None:
+                            return
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self.label} did not answer /v2/ within {timeout:.0f}s:"
                                        f"\n{self.log_tail()}")
