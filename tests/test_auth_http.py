@@ -109,6 +109,33 @@ def test_base_without_credentials_is_a_challenge(srv: AuthServer) -> None:
     assert r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
 
 
+@pytest.mark.parametrize("host", ['evil",service="other', "a b", "x\\y", "", "[::1"])
+def test_challenge_realm_ignores_a_malformed_host(srv: AuthServer, host: str) -> None:
+    """A Host header that could break out of the quoted realm is not echoed into it: the
+    realm names the address the client connected to."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    try:
+        conn.putrequest("GET", "/v2/", skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", host)
+        conn.endheaders()
+        r = conn.getresponse()
+        r.read()
+    finally:
+        conn.close()
+    assert r.status in (400, 401)
+    if r.status == 401:
+        assert r.getheader("WWW-Authenticate") == \
+            f'Bearer realm="http://127.0.0.1:{srv.port}/token",service="casengine"'
+
+
+def test_challenge_realm_keeps_a_proper_host(srv: AuthServer) -> None:
+    r = httpx.get(f"{srv.url}/v2/", headers={"Host": f"registry.example:{srv.port}"})
+    assert parse_challenge(r.headers["WWW-Authenticate"])["realm"] == \
+        f"http://registry.example:{srv.port}/token"
+
+
 def test_base_with_basic(srv: AuthServer) -> None:
     with srv.client("alice") as c:
         r = c.get("/v2/")

@@ -25,6 +25,7 @@ import hmac
 import json
 import math
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -38,6 +39,21 @@ SERVICE = "casengine"
 TOKEN_TTL = 300
 #: How long a verified Basic secret is remembered, so scrypt runs once per client, not per request.
 BASIC_CACHE_TTL = 60.0
+
+
+#: A Host header fit to be quoted into a challenge: a name or address, and a port.
+_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+
+
+def _host_of(request: Request) -> str:
+    """Where the client reached us: its Host header, or the address it connected to when
+    the header is missing or could break out of the challenge's quoted realm."""
+    host = request.header("host")
+    if host and _HOST.fullmatch(host):
+        return host
+    server = request.scope.get("server") or ("127.0.0.1", None)
+    name = f"[{server[0]}]" if ":" in server[0] else server[0]
+    return name if server[1] is None else f"{name}:{server[1]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,8 +204,7 @@ class TokenAuth:
                    error: str | None = None) -> HTTPError:
         realm = "/token"
         if request is not None:
-            host = request.header("host") or "127.0.0.1"
-            realm = f"{request.scope.get('scheme', 'http')}://{host}/token"
+            realm = f"{request.scope.get('scheme', 'http')}://{_host_of(request)}/token"
         parts = [f'realm="{realm}"', f'service="{SERVICE}"']
         if scope:
             parts.append(f'scope="{scope}"')
