@@ -40,7 +40,6 @@ import json
 import os
 import platform
 import random
-import re
 import shutil
 import signal
 import statistics
@@ -52,25 +51,17 @@ from collections.abc import Callable
 from typing import Any
 
 import xxhash
+from pairs import MB, parse_size
 
 from casengine.check import Checker
 from casengine.engine import Engine
 from casengine.layout import BLOBS
 from casengine.registry import Registry
 
-MB = 1_000_000
 CHUNK = 4 << 20  #: the check reads 4 MiB at a time
 HASH_BUFFER = 64 << 20
 FULL_TARGET = 0.8  #: full / sha256-2t
 FAST_TARGET = 2e9  #: bytes per second, or the read speed if lower
-
-
-def parse_size(text: str) -> int:
-    """``2G``, ``64M``, ``512K`` or plain bytes; binary units."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: want e.g. 2G, 64M")
-    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
 
 
 def log(msg: str) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ingest import MB, human, parse_size
+from pairs import MB, human, parse_size
 
 from casengine import seekable
 from casengine.compression import Policy

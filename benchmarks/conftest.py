@@ -17,7 +17,6 @@ Knobs (environment variables, so they work however pytest is invoked):
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import statistics
 import tempfile
@@ -27,19 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from pairs import MIN_ROUNDS, Paired, parse_size
 
 MiB = 1 << 20
-MB = 1_000_000
-MIN_ROUNDS = 5
-
-
-def parse_size(text: str) -> int:
-    """``256M``/``256MiB`` -> 256 MiB; ``1G``; ``64K``; plain bytes. Binary units throughout."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", text)
-    if not m:
-        raise ValueError(f"invalid size {text!r}: want e.g. 256M, 1G, 65536")
-    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
-
 
 SIZE = parse_size(os.environ.get("CASENGINE_BENCH_SIZE", "256M"))
 ROUNDS = max(MIN_ROUNDS, int(os.environ.get("CASENGINE_BENCH_ROUNDS", MIN_ROUNDS)))
@@ -49,7 +38,7 @@ SMALL_SIZE = 16 << 10
 
 
 @dataclass
-class PairResult:
+class PairResult(Paired):
     """One benchmark's engine-vs-limit figures, for the terminal summary."""
 
     name: str
@@ -60,17 +49,6 @@ class PairResult:
     target: float | None = None
     #: work items per round (blobs), for a per-item overhead figure
     items: int | None = None
-
-    @property
-    def ratios(self) -> list[float]:
-        return [lim / eng for lim, eng in zip(self.limit_times, self.engine_times, strict=True)]
-
-    @property
-    def ratio(self) -> float:
-        return statistics.median(self.ratios)
-
-    def mbps(self, times: list[float]) -> float:
-        return self.nbytes / statistics.median(times) / MB
 
     @property
     def overhead_us(self) -> float | None:

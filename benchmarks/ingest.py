@@ -37,14 +37,24 @@ import os
 import platform
 import re
 import shutil
-import signal
 import ssl
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from pairs import (
+    MB,
+    MIN_ROUNDS,
+    Paired,
+    add_options,
+    chosen_cases,
+    human,
+    progress,
+    run,
+    scratch,
+)
 
 from casengine.backend import READ_CHUNK
 from casengine.digest import Digest
@@ -52,34 +62,17 @@ from casengine.engine import Engine
 from casengine.ingest import CHUNK
 from casengine.layout import RAW, blob_key
 
-MB = 1_000_000
-MIN_ROUNDS = 5
 #: The issue's targets: engine / limit, median of 5 rounds at 256 MiB.
 TARGETS = {"memory": 0.90, "local": 0.85, "local-path": 0.85, "read": 0.80}
 ALL_CASES = ("memory", "local", "local-path", "read", "read-cold", "sha512", "disk", "memcopy")
 DEFAULT_CASES = tuple(c for c in ALL_CASES if c != "read-cold")
 
 
-def parse_size(text: str) -> int:
-    """``256M``/``256MiB`` -> 256 MiB; ``1G``; ``64K``; plain bytes. Binary units throughout."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: want e.g. 256M, 1G, 65536")
-    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
-
-
-def human(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} B"
-
-
 # -- measuring --------------------------------------------------------------------------
 
 
 @dataclass
-class Result:
+class Result(Paired):
     case: str
     what: str
     limit: str
@@ -89,21 +82,6 @@ class Result:
     reference: bool = False
     limit_times: list[float] = field(default_factory=list)
     engine_times: list[float] = field(default_factory=list)
-
-    @property
-    def ratios(self) -> list[float]:
-        return [a / b for a, b in zip(self.limit_times, self.engine_times, strict=True)]
-
-    @property
-    def ratio(self) -> float:
-        return statistics.median(self.ratios)
-
-    def mbps(self, times: list[float]) -> float:
-        return self.nbytes / statistics.median(times) / MB
-
-    @property
-    def meets_target(self) -> bool | None:
-        return None if self.target is None else self.ratio >= self.target
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -354,39 +332,21 @@ def table(results: list[Result], info: dict[str, object], size: int, rounds: int
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=parse_size, default=parse_size("256M"),
-                    help="blob size, binary units (default 256M = 256 MiB)")
-    ap.add_argument("--rounds", type=int, default=MIN_ROUNDS,
-                    help=f"measured pairs per case (default {MIN_ROUNDS}; report >= {MIN_ROUNDS})")
-    ap.add_argument("--warmup", type=int, default=1, help="unmeasured pairs first (default 1)")
-    ap.add_argument("--dir", help="where to make the scratch directory (default: system temp)")
-    ap.add_argument("--cases", default=",".join(DEFAULT_CASES),
-                    help=f"comma-separated, from {', '.join(ALL_CASES)} (default: all but read-cold)")
-    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    ap.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    add_options(ap, size="256M", size_help="blob size, binary units (default 256M = 256 MiB)",
+                cases=ALL_CASES, default_cases=DEFAULT_CASES)
     args = ap.parse_args(argv)
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    if unknown := [c for c in cases if c not in ALL_CASES]:
-        ap.error(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(ALL_CASES)}")
-    if args.rounds < 1 or args.warmup < 0 or args.size < 1:
-        ap.error("--rounds must be >= 1, --warmup >= 0 and --size >= 1 byte")
+    cases = chosen_cases(ap, args, ALL_CASES)
 
-    # SIGTERM unwinds like Ctrl-C, so the scratch directory is removed either way
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    base = tempfile.mkdtemp(prefix="casengine-bench-", dir=args.dir)
     saved_tempdir = tempfile.tempdir
-    tempfile.tempdir = base  # the temporary index of memory:// engines lands here too
-    try:
-        def progress(msg: str) -> None:
-            print(msg, file=sys.stderr, flush=True)
-
-        progress(f"generating {human(args.size)} of random bytes in {base}")
-        bench = Bench(os.urandom(args.size), base, args.rounds, args.warmup, progress)
-        results = [bench.run(case) for case in cases]
-        info = machine_info(os.path.realpath(base))
-    finally:
-        tempfile.tempdir = saved_tempdir
-        shutil.rmtree(base, ignore_errors=True)
+    with scratch(args.dir) as base:
+        tempfile.tempdir = base  # the temporary index of memory:// engines lands here too
+        try:
+            progress(f"generating {human(args.size)} of random bytes in {base}")
+            bench = Bench(os.urandom(args.size), base, args.rounds, args.warmup, progress)
+            results = [bench.run(case) for case in cases]
+            info = machine_info(os.path.realpath(base))
+        finally:
+            tempfile.tempdir = saved_tempdir
 
     if args.json:
         print(json.dumps({
@@ -400,6 +360,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(main())
-    sys.exit(130)
+    run(main)

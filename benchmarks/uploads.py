@@ -39,14 +39,11 @@ or in moto's memory, and removed at exit, also on Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import signal
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -54,7 +51,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ingest import MB, MIN_ROUNDS, human, machine_info, parse_size
+from ingest import machine_info
+from pairs import (
+    MB,
+    MIN_ROUNDS,
+    Paired,
+    add_options,
+    chosen_cases,
+    human,
+    parse_size,
+    progress,
+    run,
+    scratch,
+)
 
 from casengine.digest import Digest
 from casengine.engine import Engine
@@ -68,7 +77,7 @@ ALL_CASES = ("local-8m", "local-1m", "s3-8m")
 
 
 @dataclass
-class Result:
+class Result(Paired):
     case: str
     what: str
     nbytes: int
@@ -78,17 +87,6 @@ class Result:
     engine_times: list[float] = field(default_factory=list)
     commit_times: list[float] = field(default_factory=list)
     disk_times: list[float] = field(default_factory=list)
-
-    @property
-    def ratios(self) -> list[float]:
-        return [a / b for a, b in zip(self.limit_times, self.engine_times, strict=True)]
-
-    @property
-    def ratio(self) -> float:
-        return statistics.median(self.ratios)
-
-    def mbps(self, times: list[float]) -> float:
-        return self.nbytes / statistics.median(times) / MB
 
     @property
     def disk_ratio(self) -> float | None:
@@ -109,10 +107,6 @@ class Result:
     @property
     def commit_ms(self) -> float | None:
         return statistics.median(self.commit_times) * 1000 if self.commit_times else None
-
-    @property
-    def meets_target(self) -> bool | None:
-        return None if self.target is None else self.ratio >= self.target
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -328,38 +322,21 @@ def table(results: list[Result], info: dict[str, object], size: int, rounds: int
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=parse_size, default=parse_size("1G"),
-                    help="blob size of the local cases, binary units (default 1G = 1 GiB)")
+    add_options(ap, size="1G", size_help="blob size of the local cases, binary units "
+                "(default 1G = 1 GiB)", cases=ALL_CASES, default_cases=ALL_CASES)
     ap.add_argument("--s3-size", type=parse_size, default=parse_size("64M"),
                     help="blob size of the S3 case (default 64M)")
-    ap.add_argument("--rounds", type=int, default=MIN_ROUNDS,
-                    help=f"measured pairs per case (default {MIN_ROUNDS}; report >= {MIN_ROUNDS})")
-    ap.add_argument("--warmup", type=int, default=1, help="unmeasured pairs first (default 1)")
-    ap.add_argument("--dir", help="where to make the scratch directory (default: system temp)")
-    ap.add_argument("--cases", default=",".join(ALL_CASES),
-                    help=f"comma-separated, from {', '.join(ALL_CASES)} (default: all)")
-    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    ap.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     args = ap.parse_args(argv)
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    if unknown := [c for c in cases if c not in ALL_CASES]:
-        ap.error(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(ALL_CASES)}")
-    if args.rounds < 1 or args.warmup < 0 or args.size < 1 or args.s3_size < 1:
-        ap.error("--rounds must be >= 1, --warmup >= 0, sizes >= 1 byte")
+    cases = chosen_cases(ap, args, ALL_CASES)
+    if args.s3_size < 1:
+        ap.error("--s3-size must be >= 1 byte")
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    base = tempfile.mkdtemp(prefix="casengine-bench-", dir=args.dir)
-    try:
-        def progress(msg: str) -> None:
-            print(msg, file=sys.stderr, flush=True)
-
+    with scratch(args.dir) as base:
         progress(f"generating {human(args.size)} of random bytes in {base}")
         bench = Bench(os.urandom(args.size), args.s3_size, base, args.rounds, args.warmup,
                       progress)
         results = [bench.run(case) for case in cases]
         info = machine_info(os.path.realpath(base))
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
     if args.json:
         print(json.dumps({
@@ -373,6 +350,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(main())
-    sys.exit(130)
+    run(main)
