@@ -17,7 +17,6 @@ import shutil
 import socket
 import subprocess
 import tarfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from casengine.credentials import Credentials, Grant
 from casengine.engine import Engine
 from casengine.registry import Registry
 from tests.clients import require_module, require_tool  # noqa: F401 - re-exported
-from tests.helpers import casengine_command, stop_process
+from tests.helpers import casengine_command, stop_process, wait_ready
 
 LOOPBACK = "127.0.0.1"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -153,17 +152,8 @@ class AuthServer:
         raise RuntimeError(f"casengine serve --auth did not start:\n{self.log_text()[-2000:]}")
 
     def _wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            try:  # with auth on, /v2/ answers 401 to a request without credentials
-                if httpx.get(f"{self.url}/v2/", timeout=2).status_code == 401:
-                    return True
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        return False
+        # with auth on, /v2/ answers 401 to a request without credentials
+        return wait_ready(self.process, self.url, 401, timeout)
 
     def stop(self) -> int | None:
         if self.process is None:

@@ -13,9 +13,12 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+import httpx
 
 from casengine.backend import Backend, Buffer, ObjectInfo, Writer
 from casengine.engine import Engine
@@ -223,6 +226,22 @@ def one_line_error(proc: subprocess.CompletedProcess, code: int) -> str:
     assert err.startswith("casengine: error: "), err
     assert proc.stdout == b""
     return err
+
+
+def wait_ready(process: subprocess.Popen, url: str, status: int, timeout: float) -> bool:
+    """Whether the server at ``url`` answers ``GET /v2/`` with ``status`` within ``timeout``
+    seconds; False at once if its process has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            if httpx.get(f"{url}/v2/", timeout=2).status_code == status:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    return False
 
 
 def stop_process(process: subprocess.Popen, log_file: IO[bytes]) -> int:

@@ -25,7 +25,6 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,7 +37,7 @@ import pytest
 
 from casengine.engine import Engine
 from tests.clients import require_module, require_tool  # noqa: F401 - re-exported
-from tests.helpers import casengine_command, stop_process
+from tests.helpers import casengine_command, stop_process, wait_ready
 
 LOOPBACK = "127.0.0.1"
 
@@ -93,17 +92,7 @@ class Server:
         raise RuntimeError(f"casengine serve did not start:\n{self.log_text()[-2000:]}")
 
     def _wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            try:
-                if httpx.get(f"{self.url}/v2/", timeout=2).status_code == 200:
-                    return True
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        return False
+        return wait_ready(self.process, self.url, 200, timeout)
 
     def stop(self) -> int | None:
         """Stop the server (SIGTERM, then SIGKILL after 15 s); its exit code."""
