@@ -14,14 +14,13 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -29,9 +28,8 @@ from casengine.credentials import Credentials, Grant
 from casengine.engine import Engine
 from casengine.registry import Registry
 from tests.clients import require_module, require_tool  # noqa: F401 - re-exported
-from tests.helpers import casengine_command, stop_process, wait_ready
+from tests.helpers import ServeProcess
 
-LOOPBACK = "127.0.0.1"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -91,37 +89,20 @@ def parse_challenge(header: str) -> dict[str, str]:
 # -- the server -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
 def clean_env(root: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CASENGINE_")}
     env["CASENGINE_ROOT"] = str(root)
     return env
 
 
-@dataclass
-class AuthServer:
+@dataclass(kw_only=True)
+class AuthServer(ServeProcess):
     """``casengine serve --host 127.0.0.1 --port <free> --auth FILE`` over ``root``."""
 
-    root: Path
     auth_file: Path
-    log: Path
     secrets: dict[str, str] = field(default_factory=dict)
-    port: int = 0
-    process: subprocess.Popen | None = None
-    _log_file: Any = field(default=None, repr=False)
-
-    @property
-    def host(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
+    # with auth on, /v2/ answers 401 to a request without credentials
+    ready_status: ClassVar[int] = 401
 
     @property
     def key(self) -> bytes:
@@ -135,34 +116,8 @@ class AuthServer:
         creds.anonymous.extend(Grant.parse(g) for g in anonymous)
         creds.save()
 
-    def start(self, timeout: float = 30) -> None:
-        for _attempt in range(3):  # another process may take the free port first
-            self.port = free_port()
-            self._log_file = open(self.log, "ab")  # noqa: SIM115 (closed in stop)
-            self.process = subprocess.Popen(
-                [*casengine_command(), "serve", "--host", LOOPBACK, "--port", str(self.port),
-                 "--auth", str(self.auth_file)],
-                env=clean_env(self.root), stdin=subprocess.DEVNULL, stdout=self._log_file,
-                stderr=subprocess.STDOUT)
-            if self._wait_ready(timeout):
-                return
-            self.stop()
-            if "address already in use" not in self.log_text().lower():
-                break
-        raise RuntimeError(f"casengine serve --auth did not start:\n{self.log_text()[-2000:]}")
-
-    def _wait_ready(self, timeout: float) -> bool:
-        # with auth on, /v2/ answers 401 to a request without credentials
-        return wait_ready(self.process, self.url, 401, timeout)
-
-    def stop(self) -> int | None:
-        if self.process is None:
-            return None
-        code, self.process = stop_process(self.process, self._log_file), None
-        return code
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+    def serve_args(self) -> list[str]:
+        return ["--auth", str(self.auth_file)]
 
     def client(self, user: str | None = None, *, secret: str | None = None) -> httpx.Client:
         """An httpx client with HTTP Basic for ``user`` (anonymous for None)."""

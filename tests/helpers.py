@@ -10,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, ClassVar
 
 import httpx
 
@@ -228,22 +230,6 @@ def one_line_error(proc: subprocess.CompletedProcess, code: int) -> str:
     return err
 
 
-def wait_ready(process: subprocess.Popen, url: str, status: int, timeout: float) -> bool:
-    """Whether the server at ``url`` answers ``GET /v2/`` with ``status`` within ``timeout``
-    seconds; False at once if its process has exited."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return False
-        try:
-            if httpx.get(f"{url}/v2/", timeout=2).status_code == status:
-                return True
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    return False
-
-
 def stop_process(process: subprocess.Popen, log_file: IO[bytes]) -> int:
     """Stop a server: SIGTERM, then SIGKILL after 15 s; close its log; its exit code."""
     if process.poll() is None:
@@ -314,3 +300,80 @@ def index_writer(path: str, worker: int, count: int, shared: int, start, results
     except BaseException as exc:  # report it instead of leaving the parent waiting
         results.put((worker, f"error: {exc!r}"))
         raise
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+@dataclass(kw_only=True)
+class ServeProcess:
+    """``casengine serve --host 127.0.0.1 --port <free>`` over ``root``, logging to ``log``;
+    subclasses add options (:meth:`serve_args`) and say what a ready ``/v2/`` answers."""
+
+    root: Path
+    log: Path
+    port: int = 0
+    process: subprocess.Popen | None = None
+    _log_file: Any = field(default=None, repr=False)
+    #: what ``GET /v2/`` without credentials answers once the server is up
+    ready_status: ClassVar[int] = 200
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT``: the registry part of an image reference."""
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def serve_args(self) -> list[str]:
+        return []
+
+    def start(self, timeout: float = 30) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CASENGINE_")}
+        env["CASENGINE_ROOT"] = str(self.root)
+        for _attempt in range(3):  # another process may take the free port before we bind it
+            self.port = free_port()
+            self._log_file = open(self.log, "ab")  # noqa: SIM115 (closed in stop)
+            self.process = subprocess.Popen(
+                [*casengine_command(), "serve", "--host", LOOPBACK, "--port", str(self.port),
+                 *self.serve_args()],
+                env=env, stdin=subprocess.DEVNULL, stdout=self._log_file,
+                stderr=subprocess.STDOUT)
+            if self._wait_ready(timeout):
+                return
+            self.stop()
+            if "address already in use" not in self.log_text().lower():
+                break
+        raise RuntimeError(f"casengine serve did not start:\n{self.log_text()[-2000:]}")
+
+    def _wait_ready(self, timeout: float) -> bool:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                if httpx.get(f"{self.url}/v2/", timeout=2).status_code == self.ready_status:
+                    return True
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> int | None:
+        """Stop the server (SIGTERM, then SIGKILL after 15 s); its exit code."""
+        if self.process is None:
+            return None
+        code, self.process = stop_process(self.process, self._log_file), None
+        return code
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""

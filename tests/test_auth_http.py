@@ -65,7 +65,8 @@ ANONYMOUS = ["public/*:pull"]
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer]:
     base = tmp_path_factory.mktemp("auth-serve")
-    server = AuthServer(base / "root", base / "credentials.json", base / "serve.log")
+    server = AuthServer(root=base / "root", auth_file=base / "credentials.json",
+                        log=base / "serve.log")
     server.add_users(USERS, ANONYMOUS)
     server.start()
     try:

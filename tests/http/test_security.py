@@ -132,7 +132,8 @@ USERS = {"alice": ["team/*:pull,push,delete"], "bob": ["other/*:pull,push,delete
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer]:
     base = tmp_path_factory.mktemp("security-auth")
-    server = AuthServer(base / "root", base / "credentials.json", base / "serve.log")
+    server = AuthServer(root=base / "root", auth_file=base / "credentials.json",
+                        log=base / "serve.log")
     server.add_users(USERS, [])
     server.start()
     try:

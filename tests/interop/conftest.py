@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -37,72 +36,22 @@ import pytest
 
 from casengine.engine import Engine
 from tests.clients import require_module, require_tool  # noqa: F401 - re-exported
-from tests.helpers import casengine_command, stop_process, wait_ready
-
-LOOPBACK = "127.0.0.1"
+from tests.helpers import ServeProcess
 
 # -- the server -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 _METRIC = re.compile(r'^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$')
 
 
-@dataclass
-class Server:
+@dataclass(kw_only=True)
+class Server(ServeProcess):
     """A ``casengine serve`` subprocess on ``127.0.0.1:port`` over ``root``."""
 
-    root: Path
-    log: Path
-    port: int = 0
     args: list[str] = field(default_factory=list)  #: more options for ``casengine serve``
-    process: subprocess.Popen | None = None
-    _log_file: Any = field(default=None, repr=False)
 
-    @property
-    def host(self) -> str:
-        """``127.0.0.1:PORT``: the registry part of an image reference."""
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    def start(self, timeout: float = 30) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CASENGINE_")}
-        env["CASENGINE_ROOT"] = str(self.root)
-        for _attempt in range(3):  # another process may take the free port before we bind it
-            self.port = free_port()
-            self._log_file = open(self.log, "ab")  # noqa: SIM115 (closed in stop)
-            self.process = subprocess.Popen(
-                [*casengine_command(), "serve", "--host", LOOPBACK, "--port", str(self.port),
-                 *self.args],
-                env=env, stdin=subprocess.DEVNULL, stdout=self._log_file,
-                stderr=subprocess.STDOUT)
-            if self._wait_ready(timeout):
-                return
-            self.stop()
-            if "address already in use" not in self.log_text().lower():
-                break
-        raise RuntimeError(f"casengine serve did not start:\n{self.log_text()[-2000:]}")
-
-    def _wait_ready(self, timeout: float) -> bool:
-        return wait_ready(self.process, self.url, 200, timeout)
-
-    def stop(self) -> int | None:
-        """Stop the server (SIGTERM, then SIGKILL after 15 s); its exit code."""
-        if self.process is None:
-            return None
-        code, self.process = stop_process(self.process, self._log_file), None
-        return code
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+    def serve_args(self) -> list[str]:
+        return self.args
 
     @contextmanager
     def engine(self) -> Iterator[Engine]:
@@ -141,7 +90,8 @@ def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
     """A running ``casengine serve`` over a fresh local root; stopped after the test, which
     then fails if the server logged a traceback (every 5xx the adapter answers is logged).
     Parametrize it indirectly with a list of options to add to the command."""
-    srv = Server(tmp_path / "root", tmp_path / "serve.log", args=getattr(request, "param", []))
+    srv = Server(root=tmp_path / "root", log=tmp_path / "serve.log",
+                 args=getattr(request, "param", []))
     srv.start()
     try:
         yield srv
