@@ -137,6 +137,18 @@ def test_malformed_stored_hash_never_verifies(stored: str) -> None:
     assert verify_secret("anything", stored) is False
 
 
+@pytest.mark.parametrize("params", ["1024$8$10401", "16384$8$17", "1048576$8$1", "16384$0$1"])
+def test_stored_hash_of_excessive_cost_is_refused_unhashed(
+        params: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the atheris fuzzer: p=10401 made one verification take minutes. Such a
+    hash is refused before scrypt runs at all."""
+    def no_scrypt(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError(f"scrypt ran for {params}")
+
+    monkeypatch.setattr(credentials_module.hashlib, "scrypt", no_scrypt)
+    assert verify_secret("x", f"scrypt${params}$AAAA$AAAA") is False
+
+
 # -- the file ----------------------------------------------------------------------------
 
 
