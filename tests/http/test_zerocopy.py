@@ -224,3 +224,35 @@ def test_blob_deleted_while_being_sent(server: Server, client: httpx.Client, rep
                 deleted = True
         assert deleted and bytes(received) == data
     assert client.get(f"/v2/{repo}/blobs/{digest}").status_code == 404
+
+
+def test_pipelined_requests_get_their_own_bodies_in_order(server: Server, client: httpx.Client,
+                                                          repo: str) -> None:
+    """HTTP/1.1 pipelining: requests sent back to back on one connection, answered in
+    order, each body whole, while earlier bodies are still being sent from a thread."""
+    blobs = [os.urandom(n) for n in (3 << 20, 5 << 20, 100)]
+    digests = [push_blob(client, repo, b) for b in blobs]
+    requests = [f"GET /v2/{repo}/blobs/{d} HTTP/1.1\r\nHost: x\r\n\r\n" for d in digests]
+    requests.append(f"GET /v2/{repo}/blobs/{digests[0]} HTTP/1.1\r\nHost: x\r\n"
+                    "Range: bytes=10-19\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall("".join(requests).encode())
+        pending = b""
+
+        def response() -> tuple[bytes, bytes]:
+            nonlocal pending
+            while b"\r\n\r\n" not in pending:
+                pending += s.recv(1 << 20)
+            head, _, pending = pending.partition(b"\r\n\r\n")
+            length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")))
+            while len(pending) < length:
+                pending += s.recv(1 << 20)
+            body, pending = pending[:length], pending[length:]
+            return head.split(b"\r\n", 1)[0], body
+
+        for data in blobs:
+            status, body = response()
+            assert status == b"HTTP/1.1 200 OK" and body == data
+        status, body = response()
+        assert status == b"HTTP/1.1 206 Partial Content" and body == blobs[0][10:20]
