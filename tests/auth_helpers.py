@@ -117,7 +117,7 @@ class AuthServer(ServeProcess):
         creds.save()
 
     def serve_args(self) -> list[str]:
-        return ["--auth", str(self.auth_file)]
+        return ["--auth", str(self.auth_file), *self.args]
 
     def client(self, user: str | None = None, *, secret: str | None = None) -> httpx.Client:
         """An httpx client with HTTP Basic for ``user`` (anonymous for None)."""

@@ -319,6 +319,7 @@ class ServeProcess:
     root: Path
     log: Path
     port: int = 0
+    args: list[str] = field(default_factory=list)  #: more options for ``casengine serve``
     process: subprocess.Popen | None = None
     _log_file: Any = field(default=None, repr=False)
     #: what ``GET /v2/`` without credentials answers once the server is up
@@ -334,7 +335,7 @@ class ServeProcess:
         return f"http://{self.host}"
 
     def serve_args(self) -> list[str]:
-        return []
+        return self.args
 
     def start(self, timeout: float = 30) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CASENGINE_")}

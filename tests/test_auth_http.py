@@ -137,6 +137,22 @@ def test_challenge_realm_keeps_a_proper_host(srv: AuthServer) -> None:
         f"http://registry.example:{srv.port}/token"
 
 
+def test_public_url_sets_the_realm(tmp_path: Path) -> None:
+    """Behind a TLS proxy the server sees plain HTTP: --public-url says where clients are."""
+    server = AuthServer(root=tmp_path / "root", auth_file=tmp_path / "credentials.json",
+                        log=tmp_path / "serve.log",
+                        args=["--public-url", "https://registry.example:8443/"])
+    server.add_users({"alice": ["team/*:pull,push"]}, [])
+    server.start()
+    try:
+        r = httpx.get(f"{server.url}/v2/team/app/tags/list")
+        assert parse_challenge(r.headers["WWW-Authenticate"]) == {
+            "realm": "https://registry.example:8443/token", "service": "casengine",
+            "scope": "repository:team/app:pull"}
+    finally:
+        server.stop()
+
+
 def test_base_with_basic(srv: AuthServer) -> None:
     with srv.client("alice") as c:
         r = c.get("/v2/")
@@ -694,6 +710,13 @@ def test_serve_refuses_a_public_address_without_auth(tmp_path: Path) -> None:
     assert not (tmp_path / "root").exists()  # refused before opening anything
     code, out = _serve(tmp_path, "--host", "0.0.0.0", "--port", "5999")
     assert code == 8 and "--insecure" in out
+
+
+@pytest.mark.parametrize("url", ["ftp://registry.example", 'https://a"b', "registry.example",
+                                 "https://a b"])
+def test_serve_refuses_a_malformed_public_url(tmp_path: Path, url: str) -> None:
+    code, out = _serve(tmp_path, "--port", "5999", "--public-url", url)
+    assert code == 2 and "--public-url" in out and "Traceback" not in out, out
 
 
 @pytest.mark.parametrize("flag", ["--insecure", "--auth"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 
 import click
 
@@ -19,6 +20,17 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _public_url(value: str | None) -> str | None:
+    """``--public-url``, checked: it is quoted into every auth challenge."""
+    if value is None:
+        return None
+    url = value.rstrip("/")
+    if not re.fullmatch(r"https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/-]*)?", url):
+        raise click.BadParameter(f"{value!r}: want http(s)://HOST[:PORT][/PATH]",
+                                 param_hint="--public-url")
+    return url
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(0, 65535))
@@ -30,6 +42,10 @@ def _is_loopback(host: str) -> bool:
               help="Answer blob GETs with a 307 to a presigned URL where the backend can (S3).")
 @click.option("--auth", "auth_file", type=click.Path(dir_okay=False),
               help="Credentials file (see 'casengine auth'); without it there is no auth.")
+@click.option("--public-url", metavar="URL", callback=lambda ctx, param, v: _public_url(v),
+              help="Where clients reach the registry (e.g. https://registry.example.com "
+                   "behind a TLS proxy): the token realm of --auth challenges points there. "
+                   "Default: the scheme and Host of each request.")
 @click.option("--insecure", is_flag=True,
               help="Allow serving without --auth on an address other than loopback.")
 @click.option("--gc-interval", metavar="DURATION",
@@ -47,7 +63,7 @@ def _is_loopback(host: str) -> bool:
 def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str | None,
           tls_key: str | None, redirect: bool, auth_file: str | None, insecure: bool,
           gc_interval: str | None, gc_grace: str, transcode_on_push: str | None,
-          transcode_level: int, log_level: str) -> None:
+          transcode_level: int, log_level: str, public_url: str | None) -> None:
     """Serve the store as an OCI Distribution (Docker Registry v2) registry."""
     try:
         import uvicorn
@@ -70,6 +86,7 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
     from casengine.units import parse_duration
 
     settings = ServeSettings(s.root, s.index, s.storage_options, redirect, auth_file,
+                             public_url=public_url,
                              gc_interval=parse_duration(gc_interval) if gc_interval else None,
                              gc_grace=parse_duration(gc_grace), compression=s.compression,
                              compression_level=s.compression_level,

@@ -108,9 +108,12 @@ def parse_scopes(values: list[str]) -> dict[str, frozenset[str]]:
 class TokenAuth:
     """The :class:`~casengine.http.app.Authorizer` for ``casengine serve --auth FILE``."""
 
-    def __init__(self, path: str, *, token_ttl: int = TOKEN_TTL) -> None:
+    def __init__(self, path: str, *, token_ttl: int = TOKEN_TTL,
+                 public_url: str | None = None) -> None:
         self.path = path
         self.token_ttl = token_ttl
+        #: where clients reach this server (``serve --public-url``); else from each request
+        self.public_url = public_url
         self._cache_key = os.urandom(32)
         self._basic: dict[bytes, tuple[str, float]] = {}
         self._mtime = -1.0
@@ -119,8 +122,8 @@ class TokenAuth:
         self.key = load_key(path + ".key")
 
     @classmethod
-    def from_file(cls, path: str) -> TokenAuth:
-        return cls(path)
+    def from_file(cls, path: str, public_url: str | None = None) -> TokenAuth:
+        return cls(path, public_url=public_url)
 
     def _reload(self) -> None:
         try:
@@ -203,7 +206,9 @@ class TokenAuth:
     def _challenge(self, scope: str | None, message: str, *, request: Request | None = None,
                    error: str | None = None) -> HTTPError:
         realm = "/token"
-        if request is not None:
+        if self.public_url is not None:
+            realm = f"{self.public_url}/token"
+        elif request is not None:
             realm = f"{request.scope.get('scheme', 'http')}://{_host_of(request)}/token"
         parts = [f'realm="{realm}"', f'service="{SERVICE}"']
         if scope:

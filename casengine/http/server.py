@@ -33,6 +33,7 @@ class ServeSettings:
     storage_options: dict[str, Any] = field(default_factory=dict)
     redirect: bool = False
     auth_file: str | None = None
+    public_url: str | None = None  #: where clients reach us, for the token realm
     create_on_push: bool = True
     gc_interval: float | None = None  #: seconds between background collections
     gc_grace: float = 3600.0
@@ -62,7 +63,7 @@ def build_app(settings: ServeSettings) -> RegistryApp:
     if settings.auth_file:
         from casengine.http.auth import TokenAuth
 
-        auth = TokenAuth.from_file(settings.auth_file)
+        auth = TokenAuth.from_file(settings.auth_file, settings.public_url)
     stop = threading.Event()
     if settings.gc_interval:
         threading.Thread(target=_collect_every, name="casengine-gc", daemon=True,

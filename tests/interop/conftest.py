@@ -27,7 +27,7 @@ import subprocess
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +47,6 @@ _METRIC = re.compile(r'^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S
 @dataclass(kw_only=True)
 class Server(ServeProcess):
     """A ``casengine serve`` subprocess on ``127.0.0.1:port`` over ``root``."""
-
-    args: list[str] = field(default_factory=list)  #: more options for ``casengine serve``
-
-    def serve_args(self) -> list[str]:
-        return self.args
 
     @contextmanager
     def engine(self) -> Iterator[Engine]:
