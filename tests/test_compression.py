@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from casengine import seekable
-from casengine.backend import READ_CHUNK, Backend, ObjectInfo, Writer, open_backend
+from casengine.backend import READ_CHUNK, Backend, open_backend
 from casengine.check import Checker
 from casengine.compression import Policy, already_compressed
 from casengine.digest import Digest
@@ -28,7 +28,16 @@ from casengine.layout import RAW, ZST, blob_key
 from casengine.registry import Registry
 from casengine.reindex import rebuild
 from casengine.seekable import TAIL, encode_table, read_table
-from tests.helpers import KINDS, MIB, audit, blob_objects, digest_of, ok, run_cli
+from tests.helpers import (
+    KINDS,
+    MIB,
+    WrappedBackend,
+    audit,
+    blob_objects,
+    digest_of,
+    ok,
+    run_cli,
+)
 from tests.test_seekable import text
 
 POLICIES = ("auto", "never", "always")
@@ -168,12 +177,11 @@ def test_random_ranges_match_the_original(small_frames: tuple[Engine, str], star
     assert all(len(c) <= chunk for c in chunks)
 
 
-class CountingBackend(Backend):
+class CountingBackend(WrappedBackend):
     """A real backend underneath; counts the bytes every read returns."""
 
     def __init__(self, inner: Backend) -> None:
-        super().__init__(inner.url)
-        self.inner = inner
+        super().__init__(inner)
         self.read_bytes = 0
         self.reads = 0
 
@@ -183,18 +191,6 @@ class CountingBackend(Backend):
         for chunk in self.inner.read(key, start, length, chunk_size=chunk_size):
             self.read_bytes += len(chunk)
             yield chunk
-
-    def writer(self, key_hint: str | None = None) -> Writer:
-        return self.inner.writer(key_hint)
-
-    def stat(self, key: str) -> ObjectInfo:
-        return self.inner.stat(key)
-
-    def delete(self, key: str) -> bool:
-        return self.inner.delete(key)
-
-    def list(self, prefix: str = "") -> Iterator[str]:
-        return self.inner.list(prefix)
 
 
 def test_a_middle_range_reads_and_decompresses_at_most_two_frames(
