@@ -546,6 +546,7 @@ class Bench:
         self.clients: dict[str, HTTPClient] = {}
         self.failures: list[str] = []
         self.results: dict[str, Outcome] = {}
+        self._buf: bytearray | None = None  #: see pull_buffer
         self.skopeo = self._skopeo_command()
 
     def order(self, rnd: int) -> list[Server]:
@@ -556,7 +557,7 @@ class Bench:
     def pull_buffer(self) -> bytearray:
         """One buffer for every big pull, its pages touched once here: a fresh one would
         make whoever pulls first pay the client's page faults (~65 thousand per pull)."""
-        if not hasattr(self, "_buf"):
+        if self._buf is None:
             self._buf = bytearray(BIG)
             self._buf[::4096] = b"\xff" * len(range(0, BIG, 4096))
         return self._buf

@@ -9,6 +9,7 @@ the one place where access is decided.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
@@ -297,40 +298,31 @@ class RegistryApp:
         if request.method == "HEAD":
             await respond(send, status, headers, head=True)
             return
+        # a local raw file goes out with sendfile (casengine.http.protocol); else every range
+        # is opened as a stream, all before the status goes out: a missing object is an error
+        f: IO[bytes] | None = None
         if ZEROCOPY in request.scope.get("extensions", {}):
             f = await blocking(self.registry.open_blob_file, name, digest)
-            if f is not None:
-                with f:
-                    await self._send_file(send, status, headers, ranges, f, parts, tail)
-                return
-        # open every range before the status goes out: a missing object is still an error
-        streams = [await blocking(self.registry.read_blob, name, digest, s, e - s + 1,
-                                  chunk_size=SEND_CHUNK) for s, e in ranges]
-        await start_response(send, status, headers)
-        for i, chunks in enumerate(streams):
-            if parts is not None:
-                await send({"type": "http.response.body",
-                            "body": (b"\r\n" if i else b"") + parts[i], "more_body": True})
-            # read the next chunk while this one is sent: disk and socket overlap
-            upcoming = asyncio.ensure_future(blocking(next, chunks, None))
-            while (chunk := await upcoming) is not None:
+        with f or contextlib.nullcontext():
+            streams = [] if f is not None else [
+                await blocking(self.registry.read_blob, name, digest, s, e - s + 1,
+                               chunk_size=SEND_CHUNK) for s, e in ranges]
+            await start_response(send, status, headers)
+            for i, (s, e) in enumerate(ranges):
+                if parts is not None:
+                    await send({"type": "http.response.body",
+                                "body": (b"\r\n" if i else b"") + parts[i], "more_body": True})
+                if f is not None:
+                    await send({"type": ZEROCOPY, "file": f, "offset": s, "count": e - s + 1,
+                                "more_body": True})
+                    continue
+                # read the next chunk while this one is sent: disk and socket overlap
+                chunks = streams[i]
                 upcoming = asyncio.ensure_future(blocking(next, chunks, None))
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": tail, "more_body": False})
-
-    @staticmethod
-    async def _send_file(send: Send, status: int, headers: dict[str, str],
-                         ranges: list[tuple[int, int]], f: IO[bytes],
-                         parts: list[bytes] | None, tail: bytes) -> None:
-        """The ranges of a local file, from the page cache to the socket (``sendfile``)."""
-        await start_response(send, status, headers)
-        for i, (s, e) in enumerate(ranges):
-            if parts is not None:
-                await send({"type": "http.response.body",
-                            "body": (b"\r\n" if i else b"") + parts[i], "more_body": True})
-            await send({"type": ZEROCOPY, "file": f, "offset": s, "count": e - s + 1,
-                        "more_body": True})
-        await send({"type": "http.response.body", "body": tail, "more_body": False})
+                while (chunk := await upcoming) is not None:
+                    upcoming = asyncio.ensure_future(blocking(next, chunks, None))
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
 
     async def blob_delete(self, request: Request, send: Send, identity: Any, name: str,
                           digest: str) -> None:
