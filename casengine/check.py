@@ -239,6 +239,14 @@ class Checker:
 
     def _verify(self, record: BlobRecord) -> tuple[BlobRecord, str | None, str, int]:
         """(record, problem kind or None, detail, bytes read)."""
+        result = self._verify_stored(record)
+        if result[1] is not None:
+            current = self.index.get_blob(record.digest)
+            if current is not None and current.codec != record.codec:
+                return self._verify_stored(current)  # compressed while we looked: check that
+        return result
+
+    def _verify_stored(self, record: BlobRecord) -> tuple[BlobRecord, str | None, str, int]:
         key = blob_key(Digest.parse(record.digest), record.codec)
         try:
             info = self.backend.stat(key)
@@ -255,6 +263,8 @@ class Checker:
             xxh, n = self._scan(key, record.codec, record.stored_size, hasher)
         except IntegrityError as exc:
             return record, "corrupt", str(exc), 0
+        except NotFound:
+            return record, "missing-object", f"object {key} went while it was read", 0
         if record.xxh3 and xxh != record.xxh3:
             return record, "corrupt", "xxh3 of the stored bytes does not match the record", n
         if hasher is not None and str(hasher.digest()) != record.digest:

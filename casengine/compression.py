@@ -11,8 +11,10 @@ A :class:`Policy` is parsed once at the edge (``Engine.open(compression=...)``, 
   chunk does not shrink by at least ``margin`` (10%) at the policy's level.
 
 The choice is made on the writer thread from the first chunk, before the backend object is
-opened, so the object goes straight to its final key (``.raw`` or ``.zst``); compression
-runs on that thread too, off the thread that hashes (:mod:`casengine.ingest`).
+opened, so the object goes straight to its final key (``.raw`` or ``.zst``). A blob whose
+first chunk is large is stored raw and compressed after the acknowledgement, on the
+engine's background thread (:mod:`casengine.compactor`), unless ``defer`` is off; a small
+one is compressed on the writer thread, off the thread that hashes (:mod:`casengine.ingest`).
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ class Policy:
     margin: float = DEFAULT_MARGIN
     frame_size: int = FRAME_SIZE
     threads: int = DEFAULT_THREADS  #: frames compressed at once; 0 or 1: the writer thread only
+    #: compress large blobs after the acknowledgement; False: while they are ingested
+    defer: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -126,17 +130,22 @@ class Policy:
 class BlobSink:
     """Where an ingest's chunks go: the codec is chosen on the first chunk, then the
     backend writer is opened for that codec's key and gets the bytes, raw or compressed.
+    With ``defer_at``, a blob whose first chunk is that big is written raw even where the
+    policy chose zstd, and ``deferred`` says so (see :mod:`casengine.compactor`).
 
     ``xxh3`` and ``size`` cover the stored bytes. Use as a context manager: leaving the
     block aborts the writer unless it was committed.
     """
 
     def __init__(self, open_writer: Callable[[str], Writer], policy: Policy,
-                 media_type: str | None = None) -> None:
+                 media_type: str | None = None, *, defer_at: int | None = None) -> None:
         self._open_writer = open_writer
         self._policy = policy
         self._media_type = media_type
+        self._defer_at = defer_at
         self.codec: str | None = None
+        #: stored raw although the policy chose zstd: the caller compresses it later
+        self.deferred = False
         self.writer: Writer | None = None
         self.xxh3 = xxhash.xxh3_128()
         self._encoder: FrameEncoder | None = None
@@ -159,7 +168,11 @@ class BlobSink:
 
     def write(self, data: Buffer) -> None:
         if self.codec is None:
-            self._start(self._policy.choose(data, self._media_type))
+            codec = self._policy.choose(data, self._media_type)
+            if (codec == ZST and self._defer_at is not None
+                    and memoryview(data).nbytes >= self._defer_at):
+                codec, self.deferred = RAW, True
+            self._start(codec)
         if self._encoder is not None:
             self._encoder.write(data)
         else:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Self
 
 from casengine.backend import READ_CHUNK, Backend, LocalPaths, Writer, open_backend
+from casengine.compactor import DEFER_AT, Compactor
 from casengine.compression import BlobSink, Policy
 from casengine.digest import DEFAULT_ALGORITHM, Digest, Hasher, parse_digest
 from casengine.errors import (
@@ -79,6 +80,16 @@ class Engine:
         self._tables = TableCache()
 
     @functools.cached_property
+    def compactor(self) -> Compactor:
+        """Compresses large blobs after their ingest (see :mod:`casengine.compactor`)."""
+        return Compactor(self)
+
+    def wait_compacted(self, timeout: float | None = None) -> bool:
+        """Wait until the blobs this engine ingested so far are stored compressed (or found
+        not worth it); False on timeout. ``close`` waits too."""
+        return "compactor" not in self.__dict__ or self.compactor.wait(timeout)
+
+    @functools.cached_property
     def uploads(self) -> Uploads:
         """Chunked upload sessions (see :mod:`casengine.uploads`); imported when first used."""
         from casengine.uploads import DEFAULT_TTL, Uploads
@@ -112,6 +123,8 @@ class Engine:
         return cls(backend, idx, compression=compression)
 
     def close(self) -> None:
+        if "compactor" in self.__dict__:
+            self.compactor.close()
         self.index.close()
         self.backend.close()
 
@@ -157,7 +170,8 @@ class Engine:
                 # the final key as hint: object stores upload straight to it
                 return self.backend.writer(blob_key(expected, codec) if expected else None)
 
-            with (BlobSink(open_writer, self.compression, media_type) as sink,
+            defer_at = DEFER_AT if self.compression.defer else None
+            with (BlobSink(open_writer, self.compression, media_type, defer_at=defer_at) as sink,
                   WritePipeline(sink, pool.put) as pipe):
                 for chunk in chunks:
                     hasher.update(chunk[0])
@@ -177,6 +191,8 @@ class Engine:
                     return IngestResult(actual, hasher.size, created=False)
                 key = blob_key(actual, codec)
                 created = self._publish(record, lambda: writer.commit(key, exclusive=True))
+        if created and sink.deferred:
+            self.compactor.submit(record.digest)
         return IngestResult(actual, hasher.size, created)
 
     def publish_staged(self, key: str, state: dict, digest: Digest, size: int) -> bool:
@@ -277,11 +293,34 @@ class Engine:
         try:
             self.backend.delete(blob_key(d, record.codec))
         finally:
-            with self.index.transaction(write=True) as txn:
-                value = txn.get("deleting", key)
-                if value is not None and json.loads(value)["token"] == lease["token"]:
-                    txn.delete("deleting", key)
+            self._end_delete(key, lease)
         return True
+
+    def delete_orphan(self, digest: Digest, codec: str) -> bool:
+        """Delete the blob's ``codec`` object unless a record names it; return whether it
+        was deleted. A ``deleting`` lease stands while it goes, so an ingest of the same
+        bytes waits instead of adopting an object about to vanish."""
+        name = str(digest).encode()
+        lease = new_lease()
+        with self.index.transaction(write=True) as txn:
+            value = txn.get("blobs", name)
+            if value is not None and unpack_blob(name, value).codec == codec:
+                return False  # recorded meanwhile
+            held = txn.get("deleting", name)
+            if held is not None and is_live(json.loads(held)):
+                return False  # a dead one is what a collector killed mid-delete left
+            txn.put("deleting", name, json.dumps(lease).encode())
+        try:
+            self.backend.delete(blob_key(digest, codec))
+        finally:
+            self._end_delete(name, lease)
+        return True
+
+    def _end_delete(self, key: bytes, lease: dict) -> None:
+        with self.index.transaction(write=True) as txn:
+            value = txn.get("deleting", key)
+            if value is not None and json.loads(value)["token"] == lease["token"]:
+                txn.delete("deleting", key)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -303,21 +342,43 @@ class Engine:
             raise InvalidInput(
                 f"invalid range start={start} length={length} for a blob of {record.size} bytes"
             )
-        key = blob_key(parse_digest(record.digest), record.codec)
-        try:
-            if record.codec == ZST:
-                n = record.size - start if length is None else min(length, record.size - start)
-                return self._read_zst(record, key, start, n, chunk_size)
-            return self.backend.read(key, start, length, chunk_size=chunk_size)
-        except NotFound as exc:
-            raise BackendError(
-                f"blob {record.digest} is indexed but its object {key} is missing: "
-                "run 'casengine check'"
-            ) from exc
+        end = record.size if length is None else min(start + length, record.size)
+        record, chunks = self._open_stored(record, start, end - start, chunk_size)
+        return self._resuming(record, chunks, start, end, chunk_size)
+
+    def _open_stored(self, record: BlobRecord, start: int, length: int,
+                     chunk_size: int) -> tuple[BlobRecord, Iterator[bytes]]:
+        """The stored object of ``record`` from logical offset ``start``; if it is gone
+        because the blob was stored again in another form (the compactor), that form."""
+        while True:
+            key = blob_key(parse_digest(record.digest), record.codec)
+            try:
+                if record.codec == ZST:
+                    return record, self._read_zst(record, key, start, length, chunk_size)
+                return record, self.backend.read(key, start, length, chunk_size=chunk_size)
+            except NotFound as exc:
+                current = self.index.get_blob(record.digest)
+                if current is None or current.codec == record.codec:
+                    raise BackendError(
+                        f"blob {record.digest} is indexed but its object {key} is missing: "
+                        "run 'casengine check'"
+                    ) from exc
+                record = current
+
+    def _resuming(self, record: BlobRecord, chunks: Iterator[bytes], pos: int, end: int,
+                  chunk_size: int) -> Iterator[bytes]:
+        while True:
+            try:
+                for chunk in chunks:
+                    pos += len(chunk)
+                    yield chunk
+                return
+            except NotFound:  # the object went mid-read (s3fs reads in ranges): go on
+                record, chunks = self._open_stored(record, pos, end - pos, chunk_size)
 
     def _read_zst(self, record: BlobRecord, key: str, start: int, length: int,
                   chunk_size: int) -> Iterator[bytes]:
-        # a record is never changed in place: its creation time tells a re-stored blob apart
+        # the key (its codec) and the creation time tell a re-stored blob apart
         ident = (key, record.stored_size, record.created)
         table, tail = self._tables.get(ident), b""
         if table is None:

@@ -390,28 +390,6 @@ class Collector:
         report.uploads = len(purged.sessions)
         report.upload_bytes = purged.bytes
 
-    def _take_orphan(self, key: str, digest: Digest, codec: str) -> bool:
-        """Delete an orphan object under a ``deleting`` lease, taken only while no record
-        names it: a re-push of the same bytes then waits instead of adopting it."""
-        name = str(digest).encode()
-        lease = new_lease()
-        with self.index.transaction(write=True) as txn:
-            value = txn.get("blobs", name)
-            if value is not None and unpack_blob(name, value).codec == codec:
-                return False  # recorded meanwhile
-            held = txn.get("deleting", name)
-            if held is not None and is_live(json.loads(held)):
-                return False  # a dead one is what a collector killed mid-delete left
-            txn.put("deleting", name, json.dumps(lease).encode())
-        try:
-            self.engine.backend.delete(key)
-        finally:
-            with self.index.transaction(write=True) as txn:
-                value = txn.get("deleting", name)
-                if value is not None and json.loads(value)["token"] == lease["token"]:
-                    txn.delete("deleting", name)
-        return True
-
     def _sweep_orphans(self, report: GCReport) -> None:
         cutoff = time.time() - max(self.grace, ORPHAN_MIN_AGE)
         backend = self.engine.backend
@@ -434,7 +412,7 @@ class Collector:
                     held = txn.get("deleting", str(digest).encode())
                     if held is not None and is_live(json.loads(held)):
                         continue
-            elif not self._take_orphan(key, digest, codec):
+            elif not self.engine.delete_orphan(digest, codec):
                 continue
             report.orphans += 1
             report.orphan_bytes += info.size

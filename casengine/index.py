@@ -42,6 +42,7 @@ TABLES = (
     "linked",  # digest \0 repo -> b"": the same links, by blob (what GC asks)
     "manifests",  # repo \0 digest -> manifest record (JSON)
     "tags",  # repo \0 tag -> digest
+    "compact",  # digest -> b"" or the lease of the process compressing it (casengine.compactor)
     "refs",  # repo \0 digest -> reference count from the repo's manifests
     "referrers",  # repo \0 subject \0 digest -> descriptor (JSON)
     "quotas",  # namespace prefix -> limit in bytes

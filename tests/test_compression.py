@@ -54,6 +54,13 @@ def kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+def ingested(engine: Engine, data: bytes) -> Digest:
+    """Ingest, then wait for the compactor: a blob as it is stored once things settle."""
+    digest = engine.ingest(data).digest
+    engine.wait_compacted()
+    return digest
+
+
 def stored_key(engine: Engine, digest: str) -> str:
     return blob_key(Digest.parse(str(digest)), engine.stat(digest).codec)
 
@@ -68,6 +75,7 @@ def test_round_trip_under_each_policy(kind: str, mode: str, tmp_path: Path) -> N
     with engine_on(kind, tmp_path, Policy(mode, frame_size=1 * MIB)) as engine:
         for name, data in blobs.items():
             result = engine.ingest(data, digest=digest_of(data), size=len(data))
+            engine.wait_compacted()  # large blobs are compressed after the acknowledgement
             record = engine.stat(result.digest)
             assert (record.digest, record.size) == (digest_of(data), len(data))
             assert b"".join(engine.read(result.digest)) == data, name
@@ -89,9 +97,9 @@ def test_round_trip_under_each_policy(kind: str, mode: str, tmp_path: Path) -> N
 def test_text_takes_less_space_and_random_stays_raw(kind: str, tmp_path: Path) -> None:
     with engine_on(kind, tmp_path, Policy()) as engine:
         data = text(5 * MIB)
-        record = engine.stat(engine.ingest(data).digest)
+        record = engine.stat(ingested(engine, data))
         assert record.codec == ZST and record.stored_size < len(data) // 4
-        noise = engine.stat(engine.ingest(os.urandom(5 * MIB)).digest)
+        noise = engine.stat(ingested(engine, os.urandom(5 * MIB)))
         assert noise.codec == RAW and noise.stored_size == noise.size
         assert sorted(k.rsplit(".", 1)[1] for k in blob_objects(engine)) == [RAW, ZST]
 
@@ -103,9 +111,9 @@ def test_compressed_magic_stays_raw_under_auto(magic: bytes, tmp_path: Path) -> 
     # compressible after the magic: only the sniffing keeps it raw
     data = magic + text(MIB)
     with engine_on("memory", tmp_path, Policy()) as engine:
-        assert engine.stat(engine.ingest(data).digest).codec == RAW
+        assert engine.stat(ingested(engine, data)).codec == RAW
     with engine_on("memory", tmp_path, Policy("always")) as engine:
-        digest = engine.ingest(data).digest
+        digest = ingested(engine, data)
         assert engine.stat(digest).codec == ZST and engine.read_bytes(digest) == data
 
 
@@ -129,9 +137,9 @@ def test_margin_decides_on_the_sample() -> None:
     # half random, half zeros: shrinks by about half
     data = b"".join(os.urandom(512) + bytes(512) for _ in range(2048))
     with Engine.open("memory://", compression=Policy(margin=0.3)) as engine:
-        assert engine.stat(engine.ingest(data).digest).codec == ZST
+        assert engine.stat(ingested(engine, data)).codec == ZST
     with Engine.open("memory://", compression=Policy(margin=0.7)) as engine:
-        assert engine.stat(engine.ingest(data).digest).codec == RAW
+        assert engine.stat(ingested(engine, data)).codec == RAW
 
 
 def test_policy_is_validated() -> None:
@@ -152,6 +160,7 @@ def test_chunked_uploads_publish_raw(tmp_path: Path) -> None:
         registry.commit_upload("team/app", session.id, digest_of(data))
         assert engine.stat(digest_of(data)).codec == RAW
         assert registry.ingest_blob("team/app", data[1:]).digest == Digest.parse(digest_of(data[1:]))
+        engine.wait_compacted()
         assert engine.stat(digest_of(data[1:])).codec == ZST
 
 
@@ -197,7 +206,7 @@ def test_a_middle_range_reads_and_decompresses_at_most_two_frames(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = text(48 * MIB)
     with Engine.open(str(tmp_path / "root")) as engine:
-        digest = engine.ingest(data).digest
+        digest = ingested(engine, data)
         record = engine.stat(digest)
         key = stored_key(engine, str(digest))
         table, _ = read_table(engine.backend, key, record.stored_size)
@@ -243,7 +252,7 @@ def test_corrupt_stored_zst_fails_cleanly_and_check_reports_it(how: str, tmp_pat
     root = tmp_path / "root"
     data = text(6 * MIB)
     with Engine.open(str(root)) as engine:
-        digest = str(engine.ingest(data).digest)
+        digest = str(ingested(engine, data))
         key = stored_key(engine, digest)
     _corrupt(root / key, how)
     with Engine.open(str(root)) as engine:
@@ -263,9 +272,9 @@ def test_full_check_decompresses_when_the_xxh3_is_forged(tmp_path: Path) -> None
     root = tmp_path / "root"
     data = text(3 * MIB)
     with Engine.open(str(root)) as engine:
-        digest = str(engine.ingest(data).digest)
+        digest = str(ingested(engine, data))
         key = stored_key(engine, digest)
-        other = engine.stat(engine.ingest(text(3 * MIB + 1)).digest)
+        other = engine.stat(ingested(engine, text(3 * MIB + 1)))
         # swap in another blob's valid seekable object of another logical size
         forged = b"".join(engine.backend.read(blob_key(Digest.parse(other.digest), ZST)))
         engine.backend.put(key, forged)
@@ -344,6 +353,7 @@ def test_round_trip_on_s3(s3_url_and_options: tuple[str, dict[str, Any]], tmp_pa
     data = text(9 * MIB)
     with Engine.open(url, index=str(tmp_path / "index"), **options) as engine:
         digest = engine.ingest(data, digest=digest_of(data)).digest
+        engine.wait_compacted()
         record = engine.stat(digest)
         assert record.codec == ZST and record.stored_size < len(data) // 4
         assert engine.read_bytes(digest) == data
@@ -396,6 +406,7 @@ def test_usage_shows_stored_next_to_physical(tmp_path: Path) -> None:
                        "digest": str(config.digest), "size": 2},
             "layers": descriptors}).encode()
         registry.put_manifest("team/app", "v1", manifest)
+        engine.wait_compacted()
         total = usage(registry).total
         stored = sum(engine.stat(d).stored_size
                      for d in (*(x["digest"] for x in descriptors), config.digest,

@@ -59,6 +59,8 @@ def build_app(settings: ServeSettings) -> RegistryApp:
     engine = Engine.open(settings.root, index=settings.index, compression=policy,
                          **settings.storage_options)
     registry = Registry(engine, create_on_push=settings.create_on_push)
+    if policy.mode != "never":
+        engine.compactor.resume()  # blobs a stopped server left raw, before compressing them
     auth = None
     if settings.auth_file:
         from casengine.http.auth import TokenAuth

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,18 @@ def zst_server(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Itera
     s.stop()
 
 
+def compressed(root: str, digest: str, timeout: float = 60.0) -> None:
+    """Wait until the server's compactor has stored the blob as zstd (large blobs are
+    compressed after the push is acknowledged)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with Engine.open(root) as engine:
+            if engine.stat(digest).codec == "zst":
+                return
+        assert time.monotonic() < deadline, f"{digest} still raw after {timeout} s"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("data", [text(9 << 20), b"tiny"], ids=["9MiB", "tiny"])
 def test_push_then_ranged_pulls(zst_server: Server, data: bytes) -> None:
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -40,6 +53,7 @@ def test_push_then_ranged_pulls(zst_server: Server, data: bytes) -> None:
             assert r.headers["content-range"] == f"bytes {start}-{end}/{n}"
         r = client.get(f"/v2/t/zst/blobs/{digest}", headers={"Range": "bytes=0-1,-2"})
         assert r.status_code == 206 and data[:2] in r.content and data[-2:] in r.content
+    compressed(zst_server.root, digest)
     with Engine.open(zst_server.root) as engine:
         record = engine.stat(digest)
     assert record.codec == "zst" and record.size == len(data)
@@ -53,6 +67,7 @@ def test_a_damaged_stored_object_is_a_server_error(zst_server: Server) -> None:
     with httpx.Client(base_url=zst_server.url, timeout=60) as client:
         assert client.post(f"/v2/t/zst/blobs/uploads/?digest={digest}",
                            content=data).status_code == 201
+        compressed(zst_server.root, digest)
         stored = Path(zst_server.root) / "blobs" / "sha256" / digest[7:9] / f"{digest[7:]}.zst"
         with stored.open("r+b") as f:  # lose the seek table's footer
             f.truncate(stored.stat().st_size - 4)
