@@ -404,6 +404,10 @@ class Engine:
         if os.fstat(f.fileno()).st_size != record.size:
             f.close()
             return None  # damaged: read() and check report it; never send a short body
+        if hasattr(os, "posix_fadvise"):
+            # a blob not in the page cache (written with O_DIRECT, or evicted) is read
+            # ahead twice as far
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return f
 
     def read_bytes(self, digest: str | Digest) -> bytes:
