@@ -32,6 +32,10 @@ BODY_BATCH = 1 << 20
 #: The ASGI extension for file bodies sent by the server (``sendfile``): a message of this
 #: type has ``file``, ``offset``, ``count`` and ``more_body``. See casengine.http.protocol.
 ZEROCOPY = "http.response.zerocopy"
+#: A key of ``http.request`` messages from our server protocol: the body as the list of
+#: pieces the socket gave, so that no copy of it is made on the event loop's thread (the
+#: loop is the busiest thread of a push). ``body`` is then empty. See casengine.http.protocol.
+BODY_PARTS = "casengine.body_parts"
 #: Worker threads for blocking engine calls, per process.
 _LIMITER: anyio.CapacityLimiter | None = None
 
@@ -108,23 +112,23 @@ class Request:
             raise HTTPError(400, "SIZE_INVALID", f"invalid Content-Length {value!r}")
         return int(value)
 
-    async def _take(self, at_least: int) -> bytes | None:
-        """Body bytes from the loop: at least ``at_least`` unless the body ends first."""
+    async def _take(self, at_least: int) -> list[bytes]:
+        """Body pieces from the loop: at least ``at_least`` bytes unless the body ends first;
+        an empty list at the end. Joining them is left to the caller's thread."""
         parts: list[bytes] = []
         got = 0
         while self._more and got < at_least:
             message = await self._receive()
             if message["type"] == "http.disconnect":
                 raise ClientGone
-            chunk = message.get("body", b"")
-            if chunk:
-                parts.append(chunk)
-                got += len(chunk)
+            pieces = message.get(BODY_PARTS) or [message.get("body", b"")]
+            for piece in pieces:
+                if piece:
+                    parts.append(piece)
+                    got += len(piece)
             self._more = message.get("more_body", False)
         self.bytes_in += got
-        if not parts:
-            return None
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return parts
 
     @contextlib.asynccontextmanager
     async def body_stream(self, depth: int = 8) -> AsyncIterator[Iterator[bytes]]:
@@ -142,10 +146,10 @@ class Request:
             try:
                 while True:
                     await room.acquire()
-                    chunk = await self._take(BODY_BATCH)
-                    if chunk is None:
+                    parts = await self._take(BODY_BATCH)
+                    if not parts:
                         break
-                    ready.put(chunk)
+                    ready.put(parts)
                 ready.put(_END)
             except asyncio.CancelledError:
                 ready.put(_END)
@@ -158,7 +162,7 @@ class Request:
                 if isinstance(item, _Failed):
                     raise item.exc
                 loop.call_soon_threadsafe(room.release)
-                yield item
+                yield item[0] if len(item) == 1 else b"".join(item)  # joined off the loop
             if self.content_length is not None and self.bytes_in < self.content_length:
                 raise ClientGone
 
@@ -172,7 +176,7 @@ class Request:
 
     async def body(self, limit: int) -> bytes:
         """The whole (small) body; more than ``limit`` bytes is an error."""
-        data = await self._take(limit + 1) or b""
+        data = b"".join(await self._take(limit + 1))
         if len(data) > limit:
             raise HTTPError(413, "SIZE_INVALID", f"body over the {limit} byte limit")
         return data
