@@ -20,6 +20,7 @@ import pytest
 
 from casengine.http.asgi import ClientGone
 from casengine.http.protocol import sendfile_all
+from tests.helpers import digest_of
 from tests.http.conftest import Server, push_blob, start_server
 
 BIG = 3 << 20
@@ -256,3 +257,30 @@ def test_pipelined_requests_get_their_own_bodies_in_order(server: Server, client
             assert status == b"HTTP/1.1 200 OK" and body == data
         status, body = response()
         assert status == b"HTTP/1.1 206 Partial Content" and body == blobs[0][10:20]
+
+
+def test_pipelined_patches_append_their_own_bodies_in_order(server: Server, client: httpx.Client,
+                                                            repo: str) -> None:
+    """Request bodies that arrive while an earlier request still runs wait in the protocol
+    for their own request, piece by piece, and reach it whole."""
+    chunks = [os.urandom(n) for n in (3 << 20, 1 << 20, 777)]
+    r = client.post(f"/v2/{repo}/blobs/uploads/")
+    assert r.status_code == 202
+    location = r.headers["location"]
+    path = client.base_url.join(location).raw_path.decode()
+    wire, offset = b"", 0
+    for chunk in chunks:
+        wire += (f"PATCH {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream"
+                 f"\r\nContent-Range: {offset}-{offset + len(chunk) - 1}\r\n"
+                 f"Content-Length: {len(chunk)}\r\n\r\n").encode() + chunk
+        offset += len(chunk)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(wire)
+        replies = b""
+        while replies.count(b"HTTP/1.1 ") < len(chunks) or not replies.endswith(b"\r\n\r\n"):
+            replies += s.recv(1 << 16)
+    assert replies.count(b"HTTP/1.1 202 Accepted") == len(chunks), replies
+    data = b"".join(chunks)
+    r = client.put(location, params={"digest": digest_of(data)})
+    assert r.status_code == 201, r.text
+    assert client.get(f"/v2/{repo}/blobs/{digest_of(data)}").content == data
