@@ -127,6 +127,18 @@ def _answers(url: str) -> bool:
         return False
 
 
+def compressed(root: str, digest: str, timeout: float = 60.0) -> None:
+    """Wait until the server's compactor has stored the blob as zstd: large blobs are
+    compressed after the push is acknowledged (casengine/compactor.py)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with Engine.open(root) as engine:
+            if engine.stat(digest).codec == "zst":
+                return
+        assert time.monotonic() < deadline, f"{digest} still raw after {timeout} s"
+        time.sleep(0.05)
+
+
 def start_server(root: str, log_dir: Path, *, index: str | None = None,
                  options: dict[str, str] | None = None, args: tuple[str, ...] = (),
                  env: dict[str, str] | None = None,

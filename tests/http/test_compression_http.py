@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import httpx
 import pytest
 
 from casengine.engine import Engine
-from tests.http.conftest import Server, start_server
+from tests.http.conftest import Server, compressed, start_server
 from tests.test_seekable import text
 
 
@@ -22,18 +21,6 @@ def zst_server(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Itera
                                               "CASENGINE_COMPRESSION_LEVEL": "3"})
     yield s
     s.stop()
-
-
-def compressed(root: str, digest: str, timeout: float = 60.0) -> None:
-    """Wait until the server's compactor has stored the blob as zstd (large blobs are
-    compressed after the push is acknowledged)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with Engine.open(root) as engine:
-            if engine.stat(digest).codec == "zst":
-                return
-        assert time.monotonic() < deadline, f"{digest} still raw after {timeout} s"
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("data", [text(9 << 20), b"tiny"], ids=["9MiB", "tiny"])

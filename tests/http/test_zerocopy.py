@@ -21,7 +21,7 @@ import pytest
 from casengine.http.asgi import ClientGone
 from casengine.http.protocol import sendfile_all
 from tests.helpers import digest_of
-from tests.http.conftest import Server, push_blob, start_server
+from tests.http.conftest import Server, compressed, push_blob, start_server
 
 BIG = 3 << 20
 
@@ -64,10 +64,12 @@ def test_ranges_are_sent_zero_copy(client: httpx.Client, repo: str) -> None:
     assert _zerocopy_bytes(client) - before == (2000000 - 1000) + 10 + 5 + 100
 
 
-def test_compressed_blob_is_streamed(client: httpx.Client, repo: str) -> None:
+def test_compressed_blob_is_streamed(server: Server, client: httpx.Client,
+                                     repo: str) -> None:
     data = b"".join(b"line %d of a text file that zstd shrinks well\n" % i
                     for i in range(60000))
     digest = push_blob(client, repo, data)
+    compressed(server.root, digest)
     before = _zerocopy_bytes(client)
     r = client.get(f"/v2/{repo}/blobs/{digest}")
     assert r.status_code == 200 and r.content == data
