@@ -7,7 +7,8 @@ Each iteration starts the server if it is down, lets a few HTTP clients push ima
 abandon uploads, sometimes runs ``casengine gc`` beside them, and then kills the server
 (and the GC, if it still runs) with SIGKILL at a random moment. Everything the server
 acknowledged with a 2xx is written down. After each restart, what this iteration
-acknowledged must read back byte for byte; so must every manifest acknowledged so far and
+acknowledged must read back byte for byte (a third of the layers compress, so some kills
+land in the middle of a background compression); so must every manifest acknowledged so far and
 not deleted since, and its blobs.
 
 At the end: ``casengine check --full`` may report only unacknowledged work (objects or
@@ -149,10 +150,26 @@ class Server:
         self.proc = None
 
 
+def _layer(rng: random.Random, size: int) -> bytes:
+    """Random bytes, or (one layer in three) text-like bytes that the server stores raw when
+    they are large and compresses after the acknowledgement: kills then land in the middle
+    of compressions too (casengine/compactor.py)."""
+    if rng.random() < 2 / 3:
+        return rng.randbytes(size)
+    words = [rng.randbytes(6).hex() for _ in range(64)]
+    lines = (f"{rng.choice(words)} {rng.choice(words)} {i}\n".encode() for i in range(size))
+    out = bytearray()
+    for line in lines:
+        out += line
+        if len(out) >= size:
+            return bytes(out[:size])
+    return bytes(out)
+
+
 def _image(rng: random.Random, repo: str, tag: str) -> Image:
     config = json.dumps({"architecture": "amd64", "os": "linux",
                          "n": rng.getrandbits(64)}).encode()
-    layers = [rng.randbytes(rng.choice([1 << 10, 16 << 10, 300 << 10, 1 << 20, 3 << 20]))
+    layers = [_layer(rng, rng.choice([1 << 10, 16 << 10, 300 << 10, 1 << 20, 3 << 20]))
               for _ in range(rng.randint(1, 3))]
     doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
