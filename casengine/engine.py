@@ -11,8 +11,9 @@ Compression at rest: the engine's :class:`~casengine.compression.Policy` decides
 whether the bytes are stored as they are (``.raw``) or as seekable zstd (``.zst``, see
 :mod:`casengine.seekable`). Either way the digest and size are those of the logical bytes,
 and the record's xxh3 and stored size those of the object; a range read of a ``.zst`` blob
-decompresses only the frames it overlaps. Chunked uploads publish raw: their commit reads
-nothing again (see :meth:`Engine.publish_staged`).
+decompresses only the frames it overlaps. Large blobs, and chunked uploads (whose commit
+reads nothing again, see :meth:`Engine.publish_staged`), are stored raw and compressed after
+the acknowledgement by :mod:`casengine.compactor`.
 
 Dedupe: when the blob is already recorded, the bytes are hashed (so a wrong body is still
 refused) but not written again. Two concurrent ingests of the same new content both write,

@@ -15,6 +15,10 @@ An append is three steps:
 3. **release**: one transaction advances the offset and saves the hash state and the
    backend's state, if the lease is still ours. Only now is the chunk acknowledged.
 
+The first append also samples the blob's first bytes for the compression policy; a
+compressible blob is handed to the engine's compactor once committed, and is compressed
+after the acknowledgement like a large ingest (:mod:`casengine.compactor`).
+
 A crash between 1 and 3 leaves the offset at the last acknowledged chunk. The lease of a
 dead process is ignored, and the next append overwrites what the dead one left. A commit
 takes its digest from the saved hash state and never reads the data again; only a session
@@ -47,7 +51,7 @@ from casengine.errors import (
     UploadNotFound,
 )
 from casengine.ingest import POOL, BufferPool, Source, WritePipeline, open_source
-from casengine.layout import UPLOADS, upload_key
+from casengine.layout import UPLOADS, ZST, upload_key
 from casengine.leases import is_live, new_lease
 
 if TYPE_CHECKING:
@@ -194,16 +198,22 @@ class Uploads:
             raise InvalidInput(f"invalid offset {offset!r}")
         rec, token = self._claim(upload_id, offset)
         try:
-            written, state, hash_rec = self._write(rec, source, length)
+            written, state, hash_rec, head = self._write(rec, source, length)
         except BaseException:
             self._release(upload_id, token)
             raise
-        new = self._release(upload_id, token, offset=offset + written, backend=state,
-                            hash=hash_rec)
+        updates: dict[str, object] = {"offset": offset + written, "backend": state,
+                                      "hash": hash_rec}
+        if head is not None:
+            updates["compress"] = head
+        new = self._release(upload_id, token, **updates)
         assert new is not None
         return UploadStatus.of(new)
 
-    def _write(self, rec: dict, source: Source, length: int | None) -> tuple[int, dict, dict | None]:
+    def _write(self, rec: dict, source: Source,
+               length: int | None) -> tuple[int, dict, dict | None, bool | None]:
+        """Append; return the bytes written, the backend's and the hash's new state, and,
+        for the session's first bytes, whether the policy would compress the blob."""
         saved = rec.get("hash")
         hasher: hashstate.ResumableHash | None = None
         if saved is not None:
@@ -213,6 +223,7 @@ class Uploads:
         pool = BufferPool(POOL, APPEND_CHUNK)
         shared = _SharedBuffers(pool)
         n = 0
+        head: bool | None = None
         with (open_source(source, pool, APPEND_CHUNK) as chunks,
               backend.append(upload_key(rec["id"]), rec["backend"], rec["offset"]) as appender,
               WritePipeline(appender, shared.release) as pipe):
@@ -226,6 +237,10 @@ class Uploads:
                 pipe.put(chunk)
                 if hasher is not None:
                     hasher.update(chunk[0])
+                if head is None and rec["offset"] == 0 and n == len(chunk[0]):
+                    # the blob's first bytes: the sample the compression policy decides on,
+                    # so that a commit hands only compressible blobs to the compactor
+                    head = self.engine.compression.choose(chunk[0]) == ZST
                 shared.release(chunk[1])
             pipe.finish()
             if length is not None and n != length:
@@ -233,7 +248,7 @@ class Uploads:
             state = appender.finish()
         hash_rec = None if hasher is None else {"algorithm": hasher.algorithm,
                                                 "state": hasher.state().hex()}
-        return n, state, hash_rec
+        return n, state, hash_rec, head
 
     def commit(self, upload_id: str, digest: str | Digest, *, last: Source | None = None,
                last_length: int | None = None, size: int | None = None,
@@ -269,6 +284,10 @@ class Uploads:
             self._release(upload_id, token, **restore)
             raise
         self._forget(upload_id, rec)
+        if created and rec.get("compress") and self.engine.compression.mode != "never":
+            # compressed after the acknowledgement, as a large ingest is: the commit itself
+            # reads nothing back (casengine.compactor)
+            self.engine.compactor.submit(str(actual))
         return IngestResult(actual, total, created)
 
     def _digest_of(self, rec: dict, algorithm: str) -> Digest:

@@ -151,17 +151,26 @@ def test_policy_is_validated() -> None:
     assert Policy.parse(None, "5") == Policy("auto", 5)
 
 
-def test_chunked_uploads_publish_raw(tmp_path: Path) -> None:
-    data = text(3 * MIB)
+def test_chunked_uploads_publish_raw_and_compress_after_the_commit(tmp_path: Path) -> None:
+    data, noise = text(3 * MIB), os.urandom(3 * MIB)
     with Engine.open(str(tmp_path / "root")) as engine:
         registry = Registry(engine)
-        session = registry.start_upload("team/app")
-        registry.append_upload("team/app", session.id, data, 0)
-        registry.commit_upload("team/app", session.id, digest_of(data))
-        assert engine.stat(digest_of(data)).codec == RAW
+        for blob in (noise, data):
+            session = registry.start_upload("team/app")
+            registry.append_upload("team/app", session.id, blob[:MIB], 0)
+            registry.append_upload("team/app", session.id, blob[MIB:], MIB)
+            registry.commit_upload("team/app", session.id, digest_of(blob))
+            if blob is noise:  # its first bytes did not compress: no compactor at all
+                assert "compactor" not in engine.__dict__
+        engine.wait_compacted()
+        assert engine.stat(digest_of(noise)).codec == RAW
+        record = engine.stat(digest_of(data))
+        assert record.codec == ZST and record.stored_size < len(data) // 4
+        assert engine.read_bytes(digest_of(data)) == data
         assert registry.ingest_blob("team/app", data[1:]).digest == Digest.parse(digest_of(data[1:]))
         engine.wait_compacted()
         assert engine.stat(digest_of(data[1:])).codec == ZST
+        audit(engine)
 
 
 # -- range reads -------------------------------------------------------------------------------

@@ -63,3 +63,23 @@ def test_a_damaged_stored_object_is_a_server_error(zst_server: Server) -> None:
     assert r.status_code == 500, r.text
     assert r.json()["errors"][0]["code"] == "UNKNOWN"
     assert "check" in r.json()["errors"][0]["message"]
+
+
+def test_a_chunked_push_is_compressed_after_its_commit(zst_server: Server) -> None:
+    data = text(5 << 20) + b"chunked"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with httpx.Client(base_url=zst_server.url, timeout=60) as client:
+        r = client.post("/v2/t/zst/blobs/uploads/")
+        assert r.status_code == 202, r.text
+        location, offset = r.headers["location"], 0
+        for piece in (data[:2 << 20], data[2 << 20:]):
+            r = client.patch(location, content=piece, headers={
+                "Content-Range": f"{offset}-{offset + len(piece) - 1}",
+                "Content-Type": "application/octet-stream"})
+            assert r.status_code == 202, r.text
+            location, offset = r.headers["location"], offset + len(piece)
+        assert client.put(location, params={"digest": digest}).status_code == 201
+        compressed(zst_server.root, digest)
+        r = client.get(f"/v2/t/zst/blobs/{digest}", headers={"Range": "bytes=3000000-3000099"})
+        assert r.status_code == 206 and r.content == data[3000000:3000100]
+        assert client.get(f"/v2/t/zst/blobs/{digest}").content == data
