@@ -66,6 +66,7 @@ class Compactor:
         self._queued = 0
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._skip = False  #: closing without finishing: queued blobs stay marked
 
     def submit(self, digest: str) -> None:
         """Mark ``digest`` for compression and queue it for this engine's thread."""
@@ -97,7 +98,8 @@ class Compactor:
     def _run(self) -> None:
         while (digest := self._queue.get()) is not None:
             try:
-                self.compact(digest)
+                if not self._skip:
+                    self.compact(digest)
             except CASError as exc:  # the blob stays raw and correct
                 log.warning("compressing %s failed, it stays uncompressed: %s", digest, exc)
             except Exception:
@@ -112,10 +114,13 @@ class Compactor:
         with self._lock:
             return self._lock.wait_for(lambda: self._queued == 0, timeout)
 
-    def close(self) -> None:
-        """Finish what is queued, then stop the thread."""
+    def close(self, *, finish: bool = True) -> None:
+        """Stop the thread: after what is queued, or with ``finish=False`` after the blob at
+        hand, leaving the rest marked for the next process that resumes (a server's quick
+        restart)."""
         with self._lock:
             self._closed = True
+            self._skip = not finish
             thread = self._thread
         if thread is not None:
             self._queue.put(None)

@@ -290,3 +290,31 @@ def test_check_racing_the_swap_reports_nothing(tmp_path: Path) -> None:
         backend.engine = racing
         assert Checker(Registry(racing), full=True).run().clean
         assert engine.stat(digest).codec == ZST
+
+
+def test_closing_without_finishing_leaves_the_queue_marked(tmp_path: Path) -> None:
+    root = str(tmp_path / "root")
+    blobs = [text(2 * MIB + i) for i in range(4)]
+    with Engine.open(root) as engine:
+        compactor = engine.compactor
+        gate = threading.Event()
+        real = compactor.compact
+
+        def gated(digest: str) -> bool:  # the thread's first blob waits until close began
+            gate.wait(30)
+            return real(digest)
+
+        compactor.compact = gated  # type: ignore[method-assign]
+        digests = [str(engine.ingest(b).digest) for b in blobs]
+        closer = threading.Thread(target=lambda: compactor.close(finish=False))
+        closer.start()
+        while not compactor._skip:
+            time.sleep(0.001)
+        gate.set()
+        closer.join()
+        # the blob at hand was finished, the queued ones were left
+        assert [engine.stat(d).codec for d in digests] == [ZST, RAW, RAW, RAW]
+    with Engine.open(root) as engine:
+        assert engine.compactor.resume() == 3
+        assert engine.wait_compacted(60)
+        assert [engine.stat(d).codec for d in digests] == [ZST] * 4

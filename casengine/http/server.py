@@ -78,6 +78,8 @@ def build_app(settings: ServeSettings) -> RegistryApp:
         stop.set()
         if on_push is not None:
             on_push.close()
+        if "compactor" in engine.__dict__:
+            engine.compactor.close(finish=False)  # the next start takes up the rest
         engine.close()
 
     return RegistryApp(registry, auth=auth, redirect=settings.redirect, on_close=close,
