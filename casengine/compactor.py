@@ -157,6 +157,9 @@ class Compactor:
         # them vouches as it does for check, at ten times sha256's speed; without one
         # (a chunked upload's blob), the digest does
         hasher: Any = xxhash.xxh3_128() if record.xxh3 else Hasher(digest.algorithm)
+        # a .zst object while the record says raw is what a compactor killed between steps
+        # 3 and 4 left: an orphan, removed first so that ours can be published exclusively
+        engine.delete_orphan(digest, ZST)
         with (BlobSink(lambda codec: backend.writer(zst_key), policy) as sink,
               WritePipeline(sink, lambda buf: None) as pipe):
             # as in an ingest: this thread hashes while the pipeline's compresses
@@ -177,7 +180,8 @@ class Compactor:
             if (engine.compression.mode == "auto"
                     and writer.size > record.size * (1 - policy.margin)):
                 return False  # the sample promised more than the blob holds: keep it raw
-            writer.commit(zst_key)
+            if not writer.commit(zst_key, exclusive=True):
+                return False  # stored meanwhile by another hand: never replace live bytes
         new = replace(record, codec=ZST, stored_size=writer.size, xxh3=sink.xxh3.hexdigest())
 
         def swap(txn: Txn) -> bool:
