@@ -159,7 +159,9 @@ class Compactor:
         hasher: Any = xxhash.xxh3_128() if record.xxh3 else Hasher(digest.algorithm)
         # a .zst object while the record says raw is what a compactor killed between steps
         # 3 and 4 left: an orphan, removed first so that ours can be published exclusively
-        engine.delete_orphan(digest, ZST)
+        # (looked for first: the removal takes a deleting lease and two index commits)
+        if backend.exists(zst_key):
+            engine.delete_orphan(digest, ZST)
         with (BlobSink(lambda codec: backend.writer(zst_key), policy) as sink,
               WritePipeline(sink, lambda buf: None) as pipe):
             # as in an ingest: this thread hashes while the pipeline's compresses
