@@ -304,9 +304,12 @@ class _Appender(_Faulted, Appender):
     def write(self, data: Buffer) -> None:
         self._write(data, "appending")
 
-    def finish(self) -> dict:
-        return self._backend.faulted("finish", "finishing an append", self._inner.finish, writes=True,
-                                     changes=True)
+    def finish(self, journal: dict | None = None) -> dict:
+        state = self._backend.faulted("finish", "finishing an append",
+                                      lambda: self._inner.finish(journal), writes=True,
+                                      changes=True)
+        self.journaled = self._inner.journaled
+        return state
 
 
 def _open_inner(url: str, options: dict[str, Any]) -> tuple[Backend, FaultPlan]:

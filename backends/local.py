@@ -10,17 +10,30 @@ Large aligned chunks (the engine's page-aligned read buffers) are written with
 one, and the page cache is neither copied into nor flooded. Other writes go through the
 page cache, with writeback started after every few MiB (``sync_file_range`` on Linux), so
 the final fsync only has the tail left to flush.
+
+An upload session's bytes are appended in place to ``<key>/data``. Each append also writes
+the session's journal (offset and hash state, see :mod:`casengine.uploads`) into one of two
+slots far past any blob's end in the same file, so the single ``fdatasync`` that makes the
+bytes durable makes their journal durable too: an acknowledged append costs one flush, not
+two. The file is sparse; publishing cuts it to the blob's size and links it::
+
+    uploads/<id>/data   [ blob bytes ... ][ hole ... ][ slot 0 ][ slot 1 ]
+                        0                            JOURNAL_AT
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import json
 import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator
 from typing import IO
+
+import xxhash
 
 from casengine.backend import (
     READ_CHUNK,
@@ -28,13 +41,14 @@ from casengine.backend import (
     Backend,
     Buffer,
     ObjectInfo,
+    UploadJournal,
     Writer,
     check_key,
     check_prefix,
     os_error,
     split_scheme,
 )
-from casengine.errors import BackendError
+from casengine.errors import BackendError, InvalidInput
 
 TMP_DIR = ".tmp"
 INDEX_DIR = ".index"
@@ -46,6 +60,14 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 #: disk writes while the caller still hashes, so the fdatasync that acknowledges a chunk
 #: waits only for the last step.
 _WRITEBACK_STEP = 1 << 20
+#: Where the journal slots of a staged upload start: 8 TiB, past any blob (and below
+#: ext4's 16 TiB file size limit). A slot holds one append's journal entry.
+JOURNAL_AT = 1 << 43
+_SLOT = 4096
+_MAGIC = b"casjrnl1"
+#: A slot that cannot be written here (a file system without sparse files this large)
+#: only means the append is not journaled: the caller then records it durably itself.
+_NO_JOURNAL = (errno.EFBIG, errno.EINVAL, errno.ENOSPC, errno.EOPNOTSUPP)
 
 
 def _load_sync_file_range():  # type: ignore[no-untyped-def]
@@ -104,8 +126,6 @@ class _FileSink:
         flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
         with _translated(f"opening {path}"):
             self.fd = os.open(path, flags, 0o644)
-            if not create:
-                os.ftruncate(self.fd, offset)  # drop what an unfinished append left
         self._direct = _open_direct(path)
         self.start = self.pos = self._flushed = offset
 
@@ -140,14 +160,11 @@ class _FileSink:
         with _translated(f"syncing {self.path}"):
             os.fdatasync(self.fd)
 
-    def close(self, *, truncate: bool = False) -> None:
+    def close(self) -> None:
         if self._direct is not None:
             os.close(self._direct)
             self._direct = None
         if self.fd >= 0:
-            if truncate:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self.fd, self.start)
             os.close(self.fd)
             self.fd = -1
 
@@ -184,30 +201,84 @@ class LocalWriter(Writer):
 
 
 class LocalAppender(Appender):
-    """Appends go straight into one staged file; publishing it is a hard link."""
+    """Appends go straight into one staged file; publishing it is a hard link.
 
-    def __init__(self, path: str, offset: int) -> None:
+    What an unfinished append leaves past the offset is overwritten by the next one, or cut
+    off on publishing; truncating it here would cut off the journal slots too.
+    """
+
+    def __init__(self, path: str, offset: int, seq: int) -> None:
         self._sink: _FileSink | None = _FileSink(path, offset, create=False)
+        self._seq = seq
         self.size = 0
 
     def write(self, data: Buffer) -> None:
         if self._sink is None:
             raise BackendError("write after finish or abort")
+        if self._sink.pos + memoryview(data).nbytes > JOURNAL_AT:
+            raise InvalidInput(f"an upload holds at most {JOURNAL_AT} bytes here")
         self._sink.write(data)
         self.size = self._sink.pos - self._sink.start
 
-    def finish(self) -> dict:
+    def finish(self, journal: dict | None = None) -> dict:
         if self._sink is None:
             raise BackendError("finish after finish or abort")
+        # every append advances seq, journaled or not: an entry is newer than a record
+        # exactly when its seq is higher
+        state = {"seq": self._seq + 1, "size": self._sink.pos}
+        if journal is not None:
+            self.journaled = self._write_slot(state, journal)
         self._sink.sync()
         self._sink.close()
         self._sink = None
-        return {}
+        return state
+
+    def _write_slot(self, state: dict, journal: dict) -> bool:
+        assert self._sink is not None
+        payload = json.dumps({"state": state, "journal": journal},
+                             separators=(",", ":")).encode()
+        slot = _MAGIC + len(payload).to_bytes(4, "little") + payload + xxhash.xxh3_64_digest(
+            payload)
+        if len(slot) > _SLOT:
+            return False
+        # consecutive appends use alternate slots: a torn write never spoils the last entry
+        try:
+            os.pwrite(self._sink.fd, slot, JOURNAL_AT + state["seq"] % 2 * _SLOT)
+        except OSError as exc:
+            if exc.errno in _NO_JOURNAL:
+                return False
+            raise os_error(f"journaling {self._sink.path}", exc) from exc
+        return True
 
     def abort(self) -> None:
         if self._sink is not None:
-            self._sink.close(truncate=True)
+            self._sink.close()
             self._sink = None
+
+
+def _read_slots(path: str) -> list[tuple[dict, dict]]:
+    """The intact journal entries of a staged file, oldest first."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return []
+    try:
+        raw = [os.pread(fd, _SLOT, JOURNAL_AT + i * _SLOT) for i in range(2)]
+    except OSError as exc:
+        if exc.errno in _NO_JOURNAL:
+            return []  # where no slot could be written, none was
+        raise
+    finally:
+        os.close(fd)
+    entries = []
+    for slot in raw:
+        n = int.from_bytes(slot[8:12], "little")
+        payload, check = slot[12:12 + n], slot[12 + n:20 + n]
+        if slot[:8] != _MAGIC or len(check) != 8 or xxhash.xxh3_64_digest(payload) != check:
+            continue  # never written, or torn by a power cut
+        entry = json.loads(payload)
+        entries.append((entry["state"], entry["journal"]))
+    return sorted(entries, key=lambda e: e[0]["seq"])
 
 
 class LocalBackend(Backend):
@@ -332,7 +403,7 @@ class LocalBackend(Backend):
                 with contextlib.suppress(FileExistsError):
                     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
                 _fsync_dir(os.path.dirname(path))
-        return LocalAppender(path, offset)
+        return LocalAppender(path, offset, state.get("seq", 0))
 
     def publish_upload(self, key: str, state: dict, size: int, final: str, *,
                        exclusive: bool = False) -> bool:
@@ -344,7 +415,7 @@ class LocalBackend(Backend):
                 have = os.fstat(fd).st_size
                 if have < size:
                     raise BackendError(f"staged data of {key} has {have} bytes, expected {size}")
-                if have > size:  # the tail of an append that was never acknowledged
+                if have > size:  # the journal, and any unacknowledged tail
                     os.ftruncate(fd, size)
                     os.fdatasync(fd)
             finally:
@@ -352,7 +423,15 @@ class LocalBackend(Backend):
         return self.publish_file(path, final, exclusive=exclusive)
 
     def read_upload(self, key: str, state: dict) -> Iterator[bytes]:
-        return self.read(f"{key}/data")
+        # the size bounds it: past the bytes lies the journal (and a hole up to it)
+        return self.read(f"{key}/data", 0, state.get("size"))
+
+    def upload_journal(self, key: str, state: dict) -> UploadJournal:
+        with _translated(f"reading the journal of {key}"):
+            entries = _read_slots(self._upload_file(key))
+        seq = state.get("seq", 0)
+        return UploadJournal([e for e in entries if e[0]["seq"] > seq],
+                             lambda start, end: self.read(f"{key}/data", start, end - start))
 
     def discard_upload(self, key: str, state: dict) -> None:
         top = self.path(key)

@@ -189,7 +189,7 @@ class S3Appender(Appender):
         self._parts.append([number, etag, len(part)])
         self._sent += 1
 
-    def finish(self) -> dict:
+    def finish(self, journal: dict | None = None) -> dict:
         if self._closed:
             raise BackendError("finish after finish or abort")
         self._wait()

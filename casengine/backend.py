@@ -127,13 +127,21 @@ class Appender(ABC):
     """
 
     size: int = 0
+    #: Set by :meth:`finish` when the journal it was given is durable with the bytes.
+    journaled: bool = False
 
     @abstractmethod
     def write(self, data: Buffer) -> None: ...
 
     @abstractmethod
-    def finish(self) -> dict:
-        """Make the appended bytes durable; return the new state."""
+    def finish(self, journal: dict | None = None) -> dict:
+        """Make the appended bytes durable; return the new state.
+
+        ``journal`` is the caller's session state after this append (JSON-able, small).
+        A backend that can make it durable together with the bytes, in the same flush,
+        does so and sets :attr:`journaled`; :meth:`Backend.upload_journal` gives it back.
+        The caller then need not make its own record of the append durable at once.
+        """
 
     @abstractmethod
     def abort(self) -> None: ...
@@ -159,7 +167,7 @@ class _PartAppender(Appender):
         self._writer.write(data)
         self.size = self._writer.size
 
-    def finish(self) -> dict:
+    def finish(self, journal: dict | None = None) -> dict:
         if self.size:
             self._writer.commit(self._key)
             parts = [p for p in self._state.get("parts", []) if p[0] < self._offset]
@@ -169,6 +177,21 @@ class _PartAppender(Appender):
 
     def abort(self) -> None:
         self._writer.abort()
+
+
+@dataclass(frozen=True, slots=True)
+class UploadJournal:
+    """What :meth:`Backend.upload_journal` found of an upload's journal.
+
+    ``entries`` are ``(state, journal)`` pairs, oldest first: the backend state an append's
+    :meth:`Appender.finish` returned and the journal it was given. They are only claims:
+    an append in flight at a power cut may have its entry on disk without all its bytes,
+    so the caller checks an entry against the bytes (``read(start, end)``) before it
+    trusts it.
+    """
+
+    entries: list[tuple[dict, dict]]
+    read: Callable[[int, int], Iterator[bytes]]
 
 
 class Backend(ABC):
@@ -256,6 +279,11 @@ class Backend(ABC):
             if w.size != size:
                 raise BackendError(f"staged data of {key} has {w.size} bytes, expected {size}")
             return w.commit(final, exclusive=exclusive)
+
+    def upload_journal(self, key: str, state: dict) -> UploadJournal | None:
+        """Journal entries newer than ``state`` (see :meth:`Appender.finish`); None where
+        the backend keeps no journal."""
+        return None
 
     def read_upload(self, key: str, state: dict) -> Iterator[bytes]:
         """The staged bytes, in order: for re-hashing when a saved hash state is missing."""
@@ -404,6 +432,9 @@ class BackendWrapper(Backend):
 
     def read_upload(self, key: str, state: dict) -> Iterator[bytes]:
         return self.inner.read_upload(key, state)
+
+    def upload_journal(self, key: str, state: dict) -> UploadJournal | None:
+        return self.inner.upload_journal(key, state)
 
     def discard_upload(self, key: str, state: dict) -> None:
         self.inner.discard_upload(key, state)

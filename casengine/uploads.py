@@ -11,9 +11,20 @@ An append is three steps:
    A chunk at the wrong offset is refused with the current offset; a concurrent append
    gets :class:`~casengine.errors.Conflict`. Bytes never interleave.
 2. **write**: the chunk streams into the staged data at that offset, hashed on the way by
-   a resumable hasher restored from the state saved after the previous chunk.
+   a resumable hasher restored from the state saved after the previous chunk. The backend
+   makes the bytes durable, and with them, where it can, a *journal* of the session's new
+   state (offset and hash state; the local backend writes it into the same file, so one
+   flush covers both).
 3. **release**: one transaction advances the offset and saves the hash state and the
    backend's state, if the lease is still ours. Only now is the chunk acknowledged.
+
+The release is made durable (fsynced) only where the journal is not: a journaled release
+survives ``kill -9`` of any process like every committed transaction, and a power cut that
+loses it is repaired from the journal. Each record carries the boot it was written in; the
+first access to a record from an earlier boot checks the journal's newer entries against
+the staged bytes (re-hashing them from the record's own, durable, state), adopts the
+newest that holds, and only then serves the session. A durable release every
+:data:`RECOVERY_SPAN` bytes bounds that re-hash.
 
 The first append also samples the blob's first bytes for the compression policy; a
 compressible blob is handed to the engine's compactor once committed, and is compressed
@@ -66,6 +77,26 @@ _ID = re.compile(r"[a-f0-9]{32}")
 #: hashed, written and synced, and that tail is what hashing cannot overlap, so keep it
 #: small. Larger pieces buy nothing once the per-piece overhead (microseconds) is paid.
 APPEND_CHUNK = 1 << 20
+#: A journaled release is still made durable when the offset crosses a multiple of this,
+#: so recovery after a power cut re-hashes at most about this much of a session.
+RECOVERY_SPAN = 1 << 30
+
+
+def _boot_id() -> str | None:
+    """This boot of the machine, or None where it cannot be told (then nothing is
+    journaled: a journal is only trusted with a way to know when it must be checked)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+BOOT = _boot_id()
+
+
+class _Stale(Exception):
+    """The record was written in an earlier boot: recover it before using it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +180,8 @@ class Uploads:
         lease = new_lease()
 
         def claim(rec: dict) -> dict:
+            if rec.get("boot") != BOOT:
+                raise _Stale
             if offset is not None and offset != rec["offset"]:
                 raise OffsetMismatch(upload_id, offset, rec["offset"])
             if is_live(rec.get("lease")):
@@ -156,17 +189,72 @@ class Uploads:
             return {**rec, "lease": lease}
 
         # a lease lost in a power cut is harmless: its holder died with the machine
-        rec = self._change(upload_id, claim, durable=False)
+        try:
+            rec = self._change(upload_id, claim, durable=False)
+        except _Stale:
+            self._recover(upload_id)
+            rec = self._change(upload_id, claim, durable=False)
         assert rec is not None
         return rec, lease["token"]
 
-    def _release(self, upload_id: str, token: str, **updates: object) -> dict | None:
+    def _release(self, upload_id: str, token: str, *, durable: bool = True,
+                 **updates: object) -> dict | None:
         def release(rec: dict) -> dict:
             if (rec.get("lease") or {}).get("token") != token:
                 raise Conflict(f"upload {upload_id} was taken over while this request ran")
             return {**rec, **updates, "lease": None, "updated": time.time()}
 
-        return self._change(upload_id, release)
+        return self._change(upload_id, release, durable=durable)
+
+    # -- recovery after a power cut -------------------------------------------------------
+
+    def _recover(self, upload_id: str) -> None:
+        """Bring a record from an earlier boot up to the journal's newest sound entry."""
+        rec = self.engine.index.get_upload(upload_id)
+        if rec is None:
+            raise UploadNotFound(upload_id)
+        updates = self._journaled(rec)
+
+        def recovered(cur: dict) -> dict:
+            if cur.get("boot") == BOOT:
+                return cur  # another process got here first
+            if cur["offset"] != rec["offset"] or cur.get("backend") != rec.get("backend"):
+                raise Conflict(f"upload {upload_id} changed while it was recovered; retry")
+            # no process of this boot has claimed it, so its lease died with the old boot
+            return {**cur, **updates, "boot": BOOT, "lease": None}
+
+        self._change(upload_id, recovered)
+
+    def _journaled(self, rec: dict) -> dict:
+        """The updates that bring ``rec`` to the newest journal entry whose bytes are all
+        on disk: the entry's hash state must be what the record's state becomes over the
+        staged bytes in between. Nothing, where there is no such entry."""
+        saved = rec.get("hash")
+        key = upload_key(rec["id"])
+        journal = self.engine.backend.upload_journal(key, rec.get("backend") or {})
+        if saved is None or journal is None:
+            return {}
+        entries = [e for e in journal.entries if e[1]["offset"] > rec["offset"]
+                   and e[1]["hash"]["algorithm"] == saved["algorithm"]]
+        if not entries:
+            return {}
+        hasher = hashstate.ResumableHash.restore(saved["algorithm"],
+                                                 bytes.fromhex(saved["state"]), rec["offset"])
+        best: dict = {}
+        for state, entry in entries:
+            for chunk in journal.read(hasher.size, entry["offset"]):
+                hasher.update(chunk)
+            claimed = hashstate.ResumableHash.restore(
+                saved["algorithm"], bytes.fromhex(entry["hash"]["state"]), entry["offset"])
+            if hasher.size != entry["offset"] or hasher.digest() != claimed.digest():
+                break  # an append the power cut caught half written: later ones cannot hold
+            best = {"offset": entry["offset"], "hash": entry["hash"], "backend": state}
+            if "compress" in entry:
+                best["compress"] = entry["compress"]
+        if best:
+            log.warning("upload %s: recovered offset %d (the index had %d) from its journal",
+                        rec["id"], best["offset"], rec["offset"])
+        return best
 
     # -- the session API ------------------------------------------------------------------
 
@@ -176,7 +264,7 @@ class Uploads:
         hashed = hashstate.available()
         rec = {"id": upload_id, "repository": repository, "owner": owner, "offset": 0,
                "created": now,
-               "updated": now, "lease": None, "backend": {},
+               "updated": now, "lease": None, "backend": {}, "boot": BOOT,
                "hash": {"algorithm": "sha256", "state": hashstate.ResumableHash().state().hex()}
                if hashed else None}
         self.engine.index.update_upload(upload_id, lambda _: rec)
@@ -186,6 +274,9 @@ class Uploads:
         rec = self.engine.index.get_upload(self._check_id(upload_id))
         if rec is None:
             raise UploadNotFound(upload_id)
+        if rec.get("boot") != BOOT:
+            self._recover(upload_id)
+            return self.status(upload_id)
         return UploadStatus.of(rec)
 
     def list(self) -> Iterator[UploadStatus]:
@@ -198,22 +289,22 @@ class Uploads:
             raise InvalidInput(f"invalid offset {offset!r}")
         rec, token = self._claim(upload_id, offset)
         try:
-            written, state, hash_rec, head = self._write(rec, source, length)
+            updates, journaled = self._write(rec, source, length)
         except BaseException:
             self._release(upload_id, token)
             raise
-        updates: dict[str, object] = {"offset": offset + written, "backend": state,
-                                      "hash": hash_rec}
-        if head is not None:
-            updates["compress"] = head
-        new = self._release(upload_id, token, **updates)
+        end = updates["offset"]
+        assert isinstance(end, int)
+        durable = not journaled or end // RECOVERY_SPAN != offset // RECOVERY_SPAN
+        new = self._release(upload_id, token, durable=durable, **updates)
         assert new is not None
         return UploadStatus.of(new)
 
     def _write(self, rec: dict, source: Source,
-               length: int | None) -> tuple[int, dict, dict | None, bool | None]:
-        """Append; return the bytes written, the backend's and the hash's new state, and,
-        for the session's first bytes, whether the policy would compress the blob."""
+               length: int | None) -> tuple[dict[str, object], bool]:
+        """Append; return the record's updates (offset, the backend's and the hash's new
+        state and, for the session's first bytes, whether the policy would compress the
+        blob) and whether the backend journaled them with the bytes."""
         saved = rec.get("hash")
         hasher: hashstate.ResumableHash | None = None
         if saved is not None:
@@ -245,10 +336,17 @@ class Uploads:
             pipe.finish()
             if length is not None and n != length:
                 raise SizeMismatch(length, n)
-            state = appender.finish()
-        hash_rec = None if hasher is None else {"algorithm": hasher.algorithm,
-                                                "state": hasher.state().hex()}
-        return n, state, hash_rec, head
+            updates: dict[str, object] = {"offset": rec["offset"] + n, "hash": None}
+            if hasher is not None:
+                updates["hash"] = {"algorithm": hasher.algorithm, "state": hasher.state().hex()}
+            if head is not None:
+                updates["compress"] = head
+            # only a hash state can vouch for a journal entry, and only a boot id tells when
+            # one must be checked
+            journal = dict(updates) if hasher is not None and BOOT is not None else None
+            updates["backend"] = appender.finish(journal)
+            journaled = appender.journaled
+        return updates, journaled
 
     def commit(self, upload_id: str, digest: str | Digest, *, last: Source | None = None,
                last_length: int | None = None, size: int | None = None,

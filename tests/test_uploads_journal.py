@@ -1,0 +1,206 @@
+"""The local backend's upload journal: one flush per append, and power cuts.
+
+A journaled append is made durable by one ``fdatasync`` of the staged file, which holds the
+session's new offset and hash state beside the bytes; the index's record of it is not
+synced. A power cut is simulated as it happens: the index goes back to what its last sync
+made durable (every sync is snapshotted), the machine gets a new boot id, and the staged
+file keeps what its own syncs made durable, or loses what the test says never got there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+
+from backends import local
+from casengine import Engine, uploads
+from casengine.layout import blob_key, upload_key
+
+CHUNK = 256 << 10
+DATA = os.urandom(6 * CHUNK)
+
+
+def digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class _SyncedEnv:
+    """An LMDB environment that snapshots its data file whenever it is synced."""
+
+    def __init__(self, env: lmdb.Environment, path: str) -> None:
+        self._env = env
+        self._file = Path(path, "data.mdb")
+        self.syncs = 0
+        self.durable = self._file.read_bytes()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._env, name)
+
+    def sync(self, force: bool = False) -> None:
+        self._env.sync(force)
+        self.syncs += 1
+        self.durable = self._file.read_bytes()
+
+
+class PowerCut:
+    """An engine on a local root whose power can be cut."""
+
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.root = root
+        self.monkeypatch = monkeypatch
+        self.engine = self.open()
+
+    def open(self) -> Engine:
+        engine = Engine.open(str(self.root))
+        self.env = _SyncedEnv(engine.index.env, engine.index.path)
+        engine.index.env = self.env  # type: ignore[attr-defined]
+        return engine
+
+    def cut(self) -> Engine:
+        """Lose what the index never synced, reboot, and open the store again."""
+        durable = self.env.durable
+        self.engine.close()
+        Path(self.engine.index.path, "data.mdb").write_bytes(durable)
+        self.monkeypatch.setattr(uploads, "BOOT", f"{uploads.BOOT}-rebooted")
+        self.engine = self.open()
+        return self.engine
+
+    def staged(self, upload_id: str) -> str:
+        return str(self.root / upload_key(upload_id) / "data")
+
+
+@pytest.fixture
+def power(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PowerCut:
+    if uploads.BOOT is None:
+        pytest.skip("no boot id on this system: nothing is journaled")
+    return PowerCut(tmp_path / "store", monkeypatch)
+
+
+def append_chunks(engine: Engine, upload_id: str, count: int, start: int = 0) -> None:
+    for i in range(start, start + count):
+        engine.uploads.append(upload_id, DATA[i * CHUNK:(i + 1) * CHUNK], i * CHUNK)
+
+
+def test_an_append_costs_one_flush(power: PowerCut, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = power.engine
+    upload_id = engine.uploads.start("a/b").id
+    flushes = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (flushes.append(fd), real(fd))[1])
+    syncs = power.env.syncs
+    append_chunks(engine, upload_id, 3)
+    assert len(flushes) == 3  # the staged file's, one per append
+    assert power.env.syncs == syncs  # and none of the index
+    assert engine.uploads.commit(upload_id, digest(DATA[:3 * CHUNK])).created
+
+
+def test_a_power_cut_keeps_every_acknowledged_append(power: PowerCut,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    upload_id = power.engine.uploads.start("a/b").id
+    append_chunks(power.engine, upload_id, 4)
+    engine = power.cut()
+    # the index lost every append: the journal must bring them back
+    assert engine.index.get_upload(upload_id)["offset"] == 0
+    with caplog.at_level(logging.WARNING, logger="casengine.uploads"):
+        assert engine.uploads.status(upload_id).offset == 4 * CHUNK
+    assert "recovered offset" in caplog.text
+    append_chunks(engine, upload_id, 2, start=4)
+    assert engine.uploads.commit(upload_id, digest(DATA)).size == len(DATA)
+    assert b"".join(engine.read(digest(DATA))) == DATA
+
+
+def test_an_append_after_the_cut_recovers_without_asking(power: PowerCut) -> None:
+    upload_id = power.engine.uploads.start("a/b").id
+    append_chunks(power.engine, upload_id, 3)
+    engine = power.cut()
+    append_chunks(engine, upload_id, 3, start=3)  # at the acknowledged offset, not the index's
+    assert engine.uploads.commit(upload_id, digest(DATA)).created
+
+
+def test_bytes_that_never_reached_the_disk_are_not_adopted(power: PowerCut) -> None:
+    upload_id = power.engine.uploads.start("a/b").id
+    append_chunks(power.engine, upload_id, 4)
+    # the last append's journal entry got to the disk, its bytes did not
+    with open(power.staged(upload_id), "r+b") as f:
+        f.seek(3 * CHUNK + 1000)
+        f.write(bytes(100))
+    engine = power.cut()
+    assert engine.uploads.status(upload_id).offset == 3 * CHUNK
+    append_chunks(engine, upload_id, 3, start=3)
+    assert engine.uploads.commit(upload_id, digest(DATA)).created
+    assert b"".join(engine.read(digest(DATA))) == DATA
+
+
+def test_a_torn_journal_entry_falls_back_to_the_one_before(power: PowerCut) -> None:
+    upload_id = power.engine.uploads.start("a/b").id
+    append_chunks(power.engine, upload_id, 4)
+    newest = local.JOURNAL_AT + 4 % 2 * 4096  # the 4th append's slot
+    with open(power.staged(upload_id), "r+b") as f:
+        f.seek(newest + 40)
+        f.write(b"torn")
+    engine = power.cut()
+    assert engine.uploads.status(upload_id).offset == 3 * CHUNK
+    append_chunks(engine, upload_id, 3, start=3)
+    assert engine.uploads.commit(upload_id, digest(DATA)).created
+
+
+def test_recovery_rehashes_at_most_a_span(power: PowerCut, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uploads, "RECOVERY_SPAN", 2 * CHUNK)
+    upload_id = power.engine.uploads.start("a/b").id
+    append_chunks(power.engine, upload_id, 5)
+    engine = power.cut()
+    # the appends that crossed a span boundary were synced
+    assert engine.index.get_upload(upload_id)["offset"] == 4 * CHUNK
+    read: list[int] = []
+    real = local.LocalBackend.read
+
+    def counted(self: local.LocalBackend, key: str, start: int = 0,
+                length: int | None = None, **kw: Any) -> Any:
+        read.append(length or 0)
+        return real(self, key, start, length, **kw)
+
+    monkeypatch.setattr(local.LocalBackend, "read", counted)
+    assert engine.uploads.status(upload_id).offset == 5 * CHUNK
+    assert sum(read) == CHUNK
+
+
+def test_the_same_boot_trusts_the_index(power: PowerCut) -> None:
+    """A process that dies leaves the index's unsynced commits in place: no recovery."""
+    upload_id = power.engine.uploads.start("a/b").id
+    append_chunks(power.engine, upload_id, 2)
+    power.engine.close()
+    engine = power.open()
+    power.engine = engine
+    assert engine.index.get_upload(upload_id)["boot"] == uploads.BOOT
+    assert engine.uploads.status(upload_id).offset == 2 * CHUNK
+
+
+def test_without_room_for_a_journal_the_index_is_synced(
+        power: PowerCut, monkeypatch: pytest.MonkeyPatch) -> None:
+    # slots no file system can hold: each append falls back to syncing its record
+    monkeypatch.setattr(local, "JOURNAL_AT", (1 << 63) - 2 * 4096)
+    upload_id = power.engine.uploads.start("a/b").id
+    syncs = power.env.syncs
+    append_chunks(power.engine, upload_id, 3)
+    assert power.env.syncs == syncs + 3
+    engine = power.cut()
+    assert engine.index.get_upload(upload_id)["offset"] == 3 * CHUNK
+    assert engine.uploads.status(upload_id).offset == 3 * CHUNK
+    append_chunks(engine, upload_id, 3, start=3)
+    assert engine.uploads.commit(upload_id, digest(DATA)).created
+
+
+def test_the_staged_file_is_cut_to_the_blob_on_commit(power: PowerCut) -> None:
+    engine = power.engine
+    upload_id = engine.uploads.start("a/b").id
+    append_chunks(engine, upload_id, 2)
+    assert os.stat(power.staged(upload_id)).st_size > local.JOURNAL_AT  # sparse
+    result = engine.uploads.commit(upload_id, digest(DATA[:2 * CHUNK]))
+    assert os.stat(power.root / blob_key(result.digest)).st_size == 2 * CHUNK
+    assert not Path(power.staged(upload_id)).exists()
