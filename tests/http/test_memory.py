@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,3 +74,36 @@ def test_256_mib_in_and_out(fresh_server: Server) -> None:
         assert n == SIZE and f"sha256:{got.hexdigest()}" == digest
         growth_out = _peak_growth_so_far(fresh_server, baseline)
         assert growth_out < LIMIT, f"sending 256 MiB raised the peak RSS by {growth_out >> 20} MiB"
+
+
+_FREED = """
+import os, sys
+from casengine.http.server import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+bufs = [bytearray(os.urandom(1 << 20)) for _ in range(16)]  # request-body-sized buffers
+before = rss()
+del bufs
+print(applied, before - rss())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc")
+def test_the_server_keeps_freed_body_buffers_for_reuse() -> None:
+    """glibc would hand each freed MiB buffer back to the kernel (to fault it in again for
+    the next request); a server process keeps them."""
+    def run(mode: str) -> tuple[str, int]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+        out = subprocess.run([sys.executable, "-c", _FREED, mode], check=True, env=env,
+                             capture_output=True, text=True).stdout.split()
+        return out[0], int(out[1])
+
+    applied, kept_dropped = run("keep")
+    if applied != "True":
+        pytest.skip("not glibc: nothing to tune")
+    _, default_dropped = run("default")
+    assert default_dropped >= 8 * MIB  # the control: glibc's default gives them back
+    assert kept_dropped < 2 * MIB
