@@ -33,12 +33,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import httpx
+import raw_http
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
@@ -54,12 +56,6 @@ MT_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 BIG = 256 * MiB  # the raw-HTTP big blob
 CHUNK = 8 * MiB  # PATCH size of the chunked upload
 SMALL, NSMALL = 16 * KiB, 200  # the raw-HTTP small blobs
-#: httpcore reads 64 KiB per recv by default; a bigger read keeps the client's Python
-#: overhead per byte small, so a GB/s pull measures the server rather than httpx.
-HTTP_READ = 1 * MiB
-#: Request bodies go to httpx in pieces this big: httpcore's send loop re-slices the rest of
-#: its buffer after every partial send, which is quadratic on one huge bytes object.
-HTTP_WRITE = 1 * MiB
 
 SCENARIOS = ["http-big-mono", "http-big-chunked", "http-small",
              "skopeo-big", "skopeo-many", "skopeo-multiarch"]
@@ -317,153 +313,88 @@ def measure(server: Server, fn: Callable[[], Any], *, sync: bool) -> Sample:
 # -- raw HTTP (OCI distribution API v2) -------------------------------------------------------
 
 class HTTPClient:
-    """One keep-alive connection to one registry."""
+    """One keep-alive connection to one registry, through the bare client of
+    ``raw_http`` (see there for why not httpx)."""
 
     def __init__(self, server: Server, *, single_post: bool = True) -> None:
-        # TCP_NODELAY as Go's clients (skopeo) have it: h11 writes headers and body
-        # separately, and Nagle plus delayed ACKs would add their own latency per request
-        transport = httpx.HTTPTransport(
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            limits=httpx.Limits(max_connections=1))
-        self.client = httpx.Client(base_url=server.url, trust_env=False, transport=transport,
-                                   timeout=httpx.Timeout(600, connect=10))
+        url = urlsplit(server.url)
+        self.conn = raw_http.Connection(url.hostname or "127.0.0.1", url.port or 80)
         self.single_post = single_post and self._probe_single_post()
 
     def close(self) -> None:
-        self.client.close()
+        self.conn.close()
 
     @staticmethod
-    def _check(r: httpx.Response, *ok: int) -> httpx.Response:
-        if r.status_code not in ok:
-            r.read()
-            raise RuntimeError(f"{r.request.method} {r.request.url} -> {r.status_code}: "
-                               f"{r.text[:300]}")
+    def _check(method: str, target: str, r: raw_http.Response, *ok: int) -> raw_http.Response:
+        if r.status not in ok:
+            raise RuntimeError(f"{method} {target} -> {r.status}: {r.body[:300]!r}")
         return r
 
+    def _call(self, method: str, target: str, *ok: int, body: bytes | memoryview = b"",
+              headers: dict[str, str] | None = None) -> raw_http.Response:
+        return self._check(method, target, self.conn.request(method, target, body, headers), *ok)
+
     def _start(self, repo: str) -> str:
-        r = self._check(self.client.post(f"/v2/{repo}/blobs/uploads/"), 202)
-        return r.headers["location"]
+        return self._call("POST", f"/v2/{repo}/blobs/uploads/", 202).location()
 
     def _probe_single_post(self) -> bool:
         """Does the registry take a whole blob in one POST ?digest= (OCI "single POST")?
         Registries that do not answer 202 and open a session, which is cancelled here."""
         data = os.urandom(64)
-        r = self.client.post("/v2/probe/single-post/blobs/uploads/", params={"digest": sha256(data)},
-                             content=data)
-        if r.status_code == 201:
+        r = self._call("POST", f"/v2/probe/single-post/blobs/uploads/?digest={sha256(data)}",
+                       201, 202, body=data)
+        if r.status == 201:
             return True
-        self._check(r, 202)
-        self.client.delete(r.headers["location"])
+        self._call("DELETE", r.location(), 204)
         return False
 
-    def push_mono(self, repo: str, data: bytes, digest: str) -> None:
+    def push_mono(self, repo: str, data: bytes | memoryview, digest: str) -> None:
         """Monolithic upload: one POST ?digest= with the body where the server supports it,
         else POST to open the session and one PUT ?digest= with the whole body."""
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(data))}
+        headers = {"Content-Type": "application/octet-stream"}
         if self.single_post:
-            r = self.client.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest},
-                                 content=_pieces(data), headers=headers)
+            target = f"/v2/{repo}/blobs/uploads/?digest={digest}"
+            method = "POST"
         else:
-            r = self.client.put(_with_digest(self._start(repo), digest), content=_pieces(data),
-                                headers=headers)
-        self._created(r, digest)
+            target, method = _with_digest(self._start(repo), digest), "PUT"
+        self._created(method, target, self._call(method, target, 201, body=data,
+                                                 headers=headers), digest)
 
-    @classmethod
-    def _created(cls, r: httpx.Response, digest: str) -> None:
-        cls._check(r, 201)
+    @staticmethod
+    def _created(method: str, target: str, r: raw_http.Response, digest: str) -> None:
         got = r.headers.get("docker-content-digest", digest)
         if got != digest:
-            raise RuntimeError(f"{r.request.method} {r.request.url}: the registry stored "
-                               f"{got}, not {digest}")
+            raise RuntimeError(f"{method} {target}: the registry stored {got}, not {digest}")
 
     def push_chunked(self, repo: str, chunks: list[bytes], digest: str) -> None:
         """POST, one PATCH per chunk with Content-Range, PUT ?digest= with no body."""
         loc, offset = self._start(repo), 0
         for chunk in chunks:
-            r = self.client.patch(loc, content=_pieces(chunk), headers={
-                "Content-Type": "application/octet-stream", "Content-Length": str(len(chunk)),
-                "Content-Range": f"{offset}-{offset + len(chunk) - 1}"})
-            loc = self._check(r, 202).headers["location"]
+            loc = self._call("PATCH", loc, 202, body=chunk, headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Range": f"{offset}-{offset + len(chunk) - 1}"}).location()
             offset += len(chunk)
-        self._created(self.client.put(_with_digest(loc, digest)), digest)
+        target = _with_digest(loc, digest)
+        self._created("PUT", target, self._call("PUT", target, 201), digest)
 
     def pull_into(self, repo: str, digest: str, buf: bytearray) -> int:
-        """GET a blob straight into ``buf``; returns the byte count (hashed later).
-
-        A plain HTTP/1.1 GET on a socket of its own, whose body goes with ``recv_into`` into
-        the pre-faulted buffer: httpx allocates a new bytes object per read and copies it
-        once more, and on this 2-core machine that capped every pull near 1.8 GB/s, so the
-        figure was the client's, not the server's (a raw GET of the same blob from the same
-        casengine ran at 2.2-3.6 GB/s). Anything but a 200 with a Content-Length goes
-        through httpx as before.
-        """
-        url = httpx.URL(self.client.base_url)
-        path = f"/v2/{repo}/blobs/{digest}"
-        mv = memoryview(buf)
-        with socket.create_connection((url.host, url.port or 80), timeout=600) as s:
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: {url.netloc.decode()}\r\n"
-                      "Accept: */*\r\nConnection: close\r\n\r\n".encode())
-            head = b""
-            while b"\r\n\r\n" not in head:
-                got = s.recv(64 * 1024)
-                if not got:
-                    raise RuntimeError(f"GET {digest}: connection closed in the headers")
-                head += got
-            head, _, rest = head.partition(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            fields = dict(line.lower().split(":", 1) for line in lines[1:] if ":" in line)
-            length = fields.get("content-length")
-            if lines[0].split()[1] != "200" or length is None:
-                return self._pull_into_httpx(path, digest, buf)
-            n, total = len(rest), int(length)
-            if total > len(mv):
-                raise RuntimeError(f"GET {digest}: more than the {len(mv)} bytes expected")
-            mv[:n] = rest
-            while n < total:
-                k = s.recv_into(mv[n:total], min(HTTP_READ, total - n))
-                if not k:
-                    raise RuntimeError(f"GET {digest}: body ended after {n} of {total} bytes")
-                n += k
-        return n
-
-    def _pull_into_httpx(self, path: str, digest: str, buf: bytearray) -> int:
-        n, mv = 0, memoryview(buf)
-        with self.client.stream("GET", path) as r:
-            self._check(r, 200)
-            for chunk in r.iter_raw():
-                k = len(chunk)
-                if n + k > len(mv):
-                    raise RuntimeError(f"GET {digest}: more than the {len(mv)} bytes expected")
-                mv[n:n + k] = chunk
-                n += k
-        return n
+        """GET a blob straight into ``buf`` (pre-faulted); returns the byte count, hashed
+        later by the caller."""
+        target = f"/v2/{repo}/blobs/{digest}"
+        self.conn.send("GET", target)
+        status, fields = self.conn.read_head()
+        if status != 200 or "content-length" not in fields:
+            raise RuntimeError(f"GET {target} -> {status}, {fields}")
+        return self.conn.read_body_into(fields, memoryview(buf))
 
     def pull(self, repo: str, digest: str) -> bytes:
-        return self._check(self.client.get(f"/v2/{repo}/blobs/{digest}"), 200).content
+        return self._call("GET", f"/v2/{repo}/blobs/{digest}", 200).body
 
 
-def _pieces(data: bytes) -> Iterator[bytes | memoryview]:
-    """A body streamed from memory in HTTP_WRITE pieces (see there)."""
-    if len(data) <= HTTP_WRITE:
-        yield data
-        return
-    mv = memoryview(data)
-    for i in range(0, len(data), HTTP_WRITE):
-        yield mv[i:i + HTTP_WRITE]
-
-
-def _with_digest(location: str, digest: str) -> httpx.URL:
+def _with_digest(location: str, digest: str) -> str:
     """The upload URL plus ?digest=, keeping the query the server put there (distribution
     carries its upload state in ``_state``)."""
-    return httpx.URL(location).copy_add_param("digest", digest)
-
-
-def _tune_httpcore() -> None:
-    with contextlib.suppress(ImportError, AttributeError):
-        from httpcore._sync.http11 import HTTP11Connection
-
-        HTTP11Connection.READ_NUM_BYTES = max(HTTP11Connection.READ_NUM_BYTES, HTTP_READ)
+    return f"{location}{'&' if '?' in location else '?'}digest={quote(digest)}"
 
 
 # -- images (OCI layouts for skopeo's oci: transport) -----------------------------------------
@@ -873,7 +804,6 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started in background
-    _tune_httpcore()
     load = host_load()
     log(f"host busy before start: {load:.2f} of {os.cpu_count()} cores"
         + ("  (a busy host makes the ratios noisy: see the 'others' column)"
