@@ -1,0 +1,147 @@
+"""File primitives of the local backend: durable writes at increasing offsets.
+
+Large aligned chunks (the engine's page-aligned read buffers) are written with
+``O_DIRECT``: the disk DMAs them straight from the buffer while the caller hashes the next
+one, and the page cache is neither copied into nor flooded. Other writes go through the
+page cache, with writeback started after every few MiB (``sync_file_range`` on Linux), so
+the final fsync only has the tail left to flush.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+from collections.abc import Iterator
+from typing import IO, Any
+
+from casengine.backend import Buffer, os_error
+
+_SYNC_FILE_RANGE_WRITE = 2
+#: O_DIRECT wants buffer address, length and file offset aligned; a page satisfies every disk.
+_ALIGN = 4096
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+#: Start writeback once this much is dirty: big enough to batch, small enough that the
+#: disk writes while the caller still hashes, so the fdatasync that acknowledges a chunk
+#: waits only for the last step.
+_WRITEBACK_STEP = 1 << 20
+
+
+def linux_call(name: str, *argtypes: type) -> Any:
+    """The C library's ``name`` with these argument types (returning int, errno kept), or
+    None off Linux or where the library has none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = list(argtypes)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = linux_call("sync_file_range", ctypes.c_int, ctypes.c_longlong,
+                              ctypes.c_longlong, ctypes.c_uint)
+
+
+@contextlib.contextmanager
+def translated(what: str) -> Iterator[None]:
+    """Map OS errors to the engine's errors, by type, in one place."""
+    try:
+        yield
+    except OSError as exc:
+        raise os_error(what, exc) from exc
+
+
+def _aligned(view: memoryview) -> bool:
+    if view.readonly or len(view) % _ALIGN:
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % _ALIGN == 0
+
+
+def _open_direct(path: str) -> int | None:
+    """A second descriptor on ``path`` with O_DIRECT, or None where the filesystem has none."""
+    if not _O_DIRECT:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC | _O_DIRECT)
+    except OSError:  # tmpfs and some others refuse O_DIRECT
+        return None
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileSink:
+    """Writes at increasing offsets of one file: O_DIRECT for aligned chunks, else buffered."""
+
+    def __init__(self, path: str, offset: int, *, create: bool) -> None:
+        self.path = path
+        flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+        with translated(f"opening {path}"):
+            self.fd = os.open(path, flags, 0o644)
+        self._direct = _open_direct(path)
+        self.start = self.pos = self._flushed = offset
+
+    def write(self, data: Buffer) -> None:
+        view = memoryview(data).cast("B")
+        with translated(f"writing {self.path}"):
+            if self._direct is not None and self.pos % _ALIGN == 0 and _aligned(view):
+                self._write_direct(view)
+            else:
+                self._write_buffered(view)
+
+    def _write_direct(self, view: memoryview) -> None:
+        """Whole pages from a page-aligned buffer go past the page cache."""
+        assert self._direct is not None
+        self._pwrite(self._direct, view)
+        self._flushed = self.pos
+
+    def _write_buffered(self, view: memoryview) -> None:
+        self._pwrite(self.fd, view)
+        if _sync_file_range and self.pos - self._flushed >= _WRITEBACK_STEP:
+            _sync_file_range(self.fd, self._flushed, self.pos - self._flushed,
+                             _SYNC_FILE_RANGE_WRITE)
+            self._flushed = self.pos
+
+    def _pwrite(self, fd: int, view: memoryview) -> None:
+        while view:
+            n = os.pwrite(fd, view, self.pos)
+            view = view[n:]
+            self.pos += n
+
+    def sync(self) -> None:
+        with translated(f"syncing {self.path}"):
+            os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self._direct is not None:
+            os.close(self._direct)
+            self._direct = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def read_file(f: IO[bytes], start: int, length: int | None, chunk_size: int) -> Iterator[bytes]:
+    """``length`` bytes (all, if None) of ``f`` from ``start``, read ahead; closes ``f``."""
+    with f:
+        fd = f.fileno()
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, start, length or 0, os.POSIX_FADV_SEQUENTIAL)
+        pos = start
+        left = sys.maxsize if length is None else length
+        while left > 0:
+            chunk = os.pread(fd, min(chunk_size, left), pos)
+            if not chunk:
+                return
+            pos += len(chunk)
+            left -= len(chunk)
+            yield chunk
