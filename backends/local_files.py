@@ -84,7 +84,7 @@ class FileSink:
 
     def __init__(self, path: str, offset: int, *, create: bool) -> None:
         self.path = path
-        flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
         with translated(f"opening {path}"):
             self.fd = os.open(path, flags, 0o644)
         self._direct = _open_direct(path)

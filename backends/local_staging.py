@@ -1,13 +1,11 @@
 """Upload staging for local roots: one file per session, one flush per append.
 
 Mixed into :class:`backends.local.LocalBackend`. A session's bytes are appended in place to
-``<key>/data``, after a header that journals the session (its offset and hash state, see
-:mod:`casengine.uploads`)::
+``<key>/data``. Past them, at the end of the file, two 4 KiB slots journal the session (its
+offset and hash state, see :mod:`casengine.uploads`)::
 
-    uploads/<id>/data   block 0    marker: magic and the session's nonce
-                        block 1    journal slot, odd appends
-                        block 2    journal slot, even appends
-                        HEADER...  the blob's bytes
+    uploads/<id>/data   [ blob bytes ... ][ hole ... ][ slot 0 ][ slot 1 ]
+                        0                             P = a power of two, 16 MiB or more
 
 An append writes its bytes and its journal entry, then makes both durable with one
 ``fdatasync`` of the file; the caller then need not sync its own record of the append.
@@ -15,103 +13,111 @@ Consecutive appends use alternate slots, so an entry torn by a power cut never s
 one before it. Entries are only claims (the cut may have kept an entry but not all its
 bytes): :mod:`casengine.uploads` checks them against the bytes before adopting one.
 
-Publishing collapses the header away (``FALLOC_FL_COLLAPSE_RANGE``: the file's extents
-shift, no byte moves), cuts off any unacknowledged tail and links the file as the blob.
-A publish that crashed after the collapse left a file without its marker; the nonce,
-random per session and never sent to a client, is what tells a header from a blob that
-merely starts like one. File systems without the collapse (tmpfs, btrfs) get no header and
-no journal: their appends are recorded with a synced index commit, as on other backends.
+The slots stay ahead of the bytes: before an append would write over them, it copies them
+to the next power of two past its end and syncs that copy first (a second flush, a few
+times per upload: at 16, 32, 64 MiB ...), so the file is at most about twice the bytes
+(sparse, the hole takes no space). Publishing cuts the file to the blob's size, which drops
+the slots, and links it; its pages stay in the page cache for the pulls that follow.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import os
-import secrets
-import uuid
 from collections.abc import Iterator
-from functools import cached_property
 from typing import TYPE_CHECKING
 
 import xxhash
 
-from backends.local_files import FileSink, fsync_dir, linux_call, read_file, translated
-from casengine.backend import READ_CHUNK, Appender, Buffer, UploadJournal
+from backends.local_files import FileSink, fsync_dir, translated
+from casengine.backend import Appender, Buffer, UploadJournal
 from casengine.errors import BackendError
 
-#: The header: marker and two slots, padded so that the bytes stay aligned for O_DIRECT
-#: and the collapse fits file systems with blocks of up to 64 KiB.
-HEADER = 64 << 10
 _BLOCK = 4096
-_MARKER = b"casengine-upload\n"
-_SLOT_MAGIC = b"casjrnl1"
-_FALLOC_FL_COLLAPSE_RANGE = 0x08
+SLOTS = 2 * _BLOCK
+#: Where the first slots go; later ones at the next power of two past the bytes.
+FIRST_SLOTS = 16 << 20
+_MAGIC = b"casjrnl1"
+#: Slots that cannot be written (a file system without sparse files, or too small for the
+#: offset) only mean the append is not journaled: the caller records it durably itself.
+_NO_JOURNAL = (errno.EFBIG, errno.EINVAL, errno.ENOSPC, errno.EOPNOTSUPP)
 
 
-_fallocate = linux_call("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
-                        ctypes.c_longlong)
+def slots_past(end: int) -> int:
+    """Where the slots go for bytes up to ``end``."""
+    at = FIRST_SLOTS
+    while at < end:
+        at *= 2
+    return at
 
 
-def _collapse_header(fd: int) -> None:
-    """Remove the file's first HEADER bytes; the rest moves up without being copied."""
-    if _fallocate is None:
-        raise OSError(errno.EOPNOTSUPP, "no fallocate here")
-    if _fallocate(fd, _FALLOC_FL_COLLAPSE_RANGE, 0, HEADER) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _marker(nonce: str) -> bytes:
-    return _MARKER + nonce.encode() + b"\n"
-
-
-def _header_of(fd: int) -> str | None:
-    """The nonce in the file's marker, or None for a file that has no header (any more)."""
-    head = os.pread(fd, _BLOCK, 0)
-    if not head.startswith(_MARKER):
+def _payload(block: bytes) -> bytes | None:
+    """A slot's payload, or None for a slot never written or torn."""
+    n = int.from_bytes(block[8:12], "little")
+    payload, check = block[12:12 + n], block[12 + n:20 + n]
+    if block[:8] != _MAGIC or len(check) != 8 or xxhash.xxh3_64_digest(payload) != check:
         return None
-    nonce, sep, _ = head[len(_MARKER):].partition(b"\n")
-    return nonce.decode("ascii", "replace") if sep else None
+    return payload
 
 
-def _base(fd: int, state: dict) -> int:
-    """Where the session's bytes start in its file: after the header while it is there."""
-    nonce = state.get("nonce")
-    return HEADER if nonce is not None and _header_of(fd) == nonce else 0
+def _find_slots(fd: int) -> tuple[int | None, list[bytes]]:
+    """Where the file's slots are, and the payloads of the intact ones.
+
+    They are at the end of the file, unless a power cut tore the copy an append was moving
+    them with: then the copy it moved them from, at a lower power of two, still holds.
+    """
+    size = os.fstat(fd).st_size
+    at = slots_past(size)
+    while at >= _BLOCK:  # not FIRST_SLOTS: a file may come from a version with another
+        if at + SLOTS <= size:
+            found = [p for i in (0, 1) if (p := _payload(os.pread(fd, _BLOCK, at + i * _BLOCK)))]
+            if found:
+                return at, found
+        at //= 2
+    return None, []
 
 
 class LocalAppender(Appender):
-    """Bytes at ``base + offset`` of the session's file; the journal in its header.
+    """Bytes at ``offset`` of the session's file; the journal in the slots past them.
 
     What an unfinished append leaves past the offset is overwritten by the next one, or cut
     off on publishing.
     """
 
-    def __init__(self, path: str, base: int, offset: int, state: dict) -> None:
-        self._sink: FileSink | None = FileSink(path, base + offset, create=False)
-        self._base = base
-        self._state = state
+    def __init__(self, path: str, offset: int, state: dict, slots: int | None) -> None:
+        self._sink: FileSink | None = FileSink(path, offset, create=False)
+        self._seq = state.get("seq", 0)
+        self._slots = slots
         self.size = 0
 
     def write(self, data: Buffer) -> None:
         if self._sink is None:
             raise BackendError("write after finish or abort")
+        end = self._sink.pos + memoryview(data).nbytes
+        if self._slots is not None and end > self._slots:
+            self._move_slots(end)
         self._sink.write(data)
         self.size = self._sink.pos - self._sink.start
+
+    def _move_slots(self, end: int) -> None:
+        """Copy the slots past ``end`` and make the copy durable before bytes cover them."""
+        assert self._sink is not None and self._slots is not None
+        fd, new = self._sink.fd, slots_past(end)
+        with translated(f"moving the journal of {self._sink.path}"):
+            os.pwrite(fd, os.pread(fd, SLOTS, self._slots), new)
+            os.fdatasync(fd)
+        self._slots = new
 
     def finish(self, journal: dict | None = None) -> dict:
         if self._sink is None:
             raise BackendError("finish after finish or abort")
         # every append advances seq, journaled or not: an entry is newer than a record
         # exactly when its seq is higher
-        state: dict = {"seq": self._state.get("seq", 0) + 1, "size": self._sink.pos - self._base}
-        if self._base:
-            state["nonce"] = self._state["nonce"]
-            if journal is not None:
-                self.journaled = self._write_slot(state, journal)
+        state = {"seq": self._seq + 1, "size": self._sink.pos}
+        if journal is not None:
+            self.journaled = self._write_slot(state, journal)
         self._sink.sync()
         self._sink.close()
         self._sink = None
@@ -121,12 +127,20 @@ class LocalAppender(Appender):
         assert self._sink is not None
         payload = json.dumps({"state": state, "journal": journal},
                              separators=(",", ":")).encode()
-        slot = (_SLOT_MAGIC + len(payload).to_bytes(4, "little") + payload
-                + xxhash.xxh3_64_digest(payload))
+        slot = _MAGIC + len(payload).to_bytes(4, "little") + payload + xxhash.xxh3_64_digest(
+            payload)
         if len(slot) > _BLOCK:
             return False
-        with translated(f"journaling {self._sink.path}"):
-            os.pwrite(self._sink.fd, slot, _BLOCK * (1 + state["seq"] % 2))
+        try:
+            if self._slots is None:
+                # the first slots: the file ends with both, whatever lay past the bytes
+                self._slots = slots_past(self._sink.pos)
+                os.ftruncate(self._sink.fd, self._slots + SLOTS)
+            os.pwrite(self._sink.fd, slot, self._slots + state["seq"] % 2 * _BLOCK)
+        except OSError as exc:
+            if exc.errno in _NO_JOURNAL:
+                return False
+            raise
         return True
 
     def abort(self) -> None:
@@ -135,56 +149,17 @@ class LocalAppender(Appender):
             self._sink = None
 
 
-def _read_slots(fd: int) -> list[tuple[dict, dict]]:
-    """The intact journal entries of the file's current header, oldest first."""
-    nonce = _header_of(fd)
-    if nonce is None:
-        return []
-    entries = []
-    for i in (1, 2):
-        slot = os.pread(fd, _BLOCK, i * _BLOCK)
-        n = int.from_bytes(slot[8:12], "little")
-        payload, check = slot[12:12 + n], slot[12 + n:20 + n]
-        if (slot[:8] != _SLOT_MAGIC or len(check) != 8
-                or xxhash.xxh3_64_digest(payload) != check):
-            continue  # never written, or torn by a power cut
-        entry = json.loads(payload)
-        if entry["state"].get("nonce") == nonce:  # not left by an earlier start at 0
-            entries.append((entry["state"], entry["journal"]))
-    return sorted(entries, key=lambda e: e[0]["seq"])
-
-
 class LocalUploadStaging:
     """The upload staging methods of :class:`backends.local.LocalBackend`."""
 
     if TYPE_CHECKING:  # what the backend provides
-        tmp_dir: str
-
         def path(self, key: str) -> str: ...
         def make_parents(self, path: str) -> None: ...
         def publish_file(self, src: str, key: str, *, exclusive: bool) -> bool: ...
+        def read(self, key: str, start: int = 0, length: int | None = None) -> Iterator[bytes]: ...
 
     def _upload_file(self, key: str) -> str:
         return self.path(f"{key}/data")
-
-    @cached_property
-    def journals(self) -> bool:
-        """Whether this root's file system can collapse a header away: probed once."""
-        probe = os.path.join(self.tmp_dir, f"collapse-{uuid.uuid4().hex}")
-        try:
-            fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except OSError:
-            return False
-        try:
-            os.pwrite(fd, b"x", HEADER + _BLOCK - 1)
-            _collapse_header(fd)
-            return os.fstat(fd).st_size == _BLOCK
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(probe)
 
     def append(self, key: str, state: dict, offset: int) -> Appender:
         path = self._upload_file(key)
@@ -196,77 +171,52 @@ class LocalUploadStaging:
                          0o644)
             try:
                 if offset == 0:
+                    os.ftruncate(fd, 0)  # nothing is acknowledged yet: drop what is there
                     fsync_dir(os.path.dirname(path))
-                    state = {"seq": state.get("seq", 0)}
-                    if self.journals:
-                        # a fresh header; its nonce sets apart what an earlier start left
-                        state["nonce"] = secrets.token_hex(16)
-                        os.pwrite(fd, _marker(state["nonce"]).ljust(_BLOCK, b"\0"), 0)
-                    base = HEADER if "nonce" in state else 0
+                    slots = None
                 else:
-                    base = _base(fd, state)
-                    if not base:  # collapsed by a publish that then crashed: go on without
-                        state = {k: v for k, v in state.items() if k != "nonce"}
+                    slots, _ = _find_slots(fd)
             finally:
                 os.close(fd)
-        return LocalAppender(path, base, offset, state)
+        return LocalAppender(path, offset, state, slots)
 
     def publish_upload(self, key: str, state: dict, size: int, final: str, *,
                        exclusive: bool = False) -> bool:
         path = self._upload_file(key)
         with translated(f"publishing {key}"):
             self.make_parents(path)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
-                if _base(fd, state):
-                    if os.fstat(fd).st_size > HEADER:
-                        _collapse_header(fd)
-                    else:
-                        os.ftruncate(fd, 0)  # an empty blob: there is nothing but the header
                 have = os.fstat(fd).st_size
                 if have < size:
                     raise BackendError(f"staged data of {key} has {have} bytes, expected {size}")
-                if have > size:  # the tail of an append that was never acknowledged
+                if have > size:  # the journal, and any unacknowledged tail
                     os.ftruncate(fd, size)
-                os.fdatasync(fd)
+                    os.fdatasync(fd)
             finally:
                 os.close(fd)
         return self.publish_file(path, final, exclusive=exclusive)
 
-    def _read_staged(self, key: str, state: dict, start: int, length: int | None
-                     ) -> Iterator[bytes]:
-        with translated(f"reading {key}"):
-            f = open(self._upload_file(key), "rb", buffering=0)  # noqa: SIM115 - read_file closes
-            try:
-                base = _base(f.fileno(), state)
-            except BaseException:
-                f.close()
-                raise
-        return read_file(f, base + start, length, READ_CHUNK)
-
     def read_upload(self, key: str, state: dict) -> Iterator[bytes]:
-        return self._read_staged(key, state, 0, state.get("size"))
+        # the size bounds it: past the bytes lie a hole and the journal
+        return self.read(f"{key}/data", 0, state.get("size"))
 
-    def upload_journal(self, key: str, state: dict) -> UploadJournal | None:
-        if not self.journals:
-            return None
+    def upload_journal(self, key: str, state: dict) -> UploadJournal:
         with translated(f"reading the journal of {key}"):
             try:
                 fd = os.open(self._upload_file(key), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                return UploadJournal([], lambda start, end: iter(()))
-            try:
-                entries = _read_slots(fd)
-            finally:
-                os.close(fd)
+                entries: list[tuple[dict, dict]] = []
+            else:
+                try:
+                    _, found = _find_slots(fd)
+                finally:
+                    os.close(fd)
+                entries = sorted(((e["state"], e["journal"]) for e in map(json.loads, found)),
+                                 key=lambda e: e[0]["seq"])
         seq = state.get("seq", 0)
-        newer = [e for e in entries if e[0]["seq"] > seq]
-
-        def read(start: int, end: int) -> Iterator[bytes]:
-            # the entries' state, not the record's: a stale record may predate the header
-            return self._read_staged(key, newer[-1][0] if newer else state, start, end - start)
-
-        return UploadJournal(newer, read)
+        return UploadJournal([e for e in entries if e[0]["seq"] > seq],
+                             lambda start, end: self.read(f"{key}/data", start, end - start))
 
     def discard_upload(self, key: str, state: dict) -> None:
         top = self.path(key)
@@ -274,4 +224,3 @@ class LocalUploadStaging:
             os.unlink(os.path.join(top, "data"))
         with contextlib.suppress(FileNotFoundError, OSError):
             os.rmdir(top)
-

@@ -19,8 +19,8 @@ blob's key names its digest and the codec its bytes are stored in::
     |       +-- _tags/v1.2                   the digest the tag points at
     +-- uploads/
     |   +-- 9c1e...(32 hex)/                 one chunked upload session's staged bytes
-    |       +-- data                         local: one file, appended in place after a
-    |                                        64 KiB header that journals the session
+    |       +-- data                         local: one file, appended in place; two slots
+    |                                        past the bytes journal the session
     |       +-- 0000000000000000 ...         generic: one object per append, by offset
     |       +-- pending, data                S3: the tail below a part, the multipart target
     +-- .tmp/                                local roots: temp files before rename
