@@ -82,12 +82,17 @@ def fsync_dir(path: str) -> None:
 class FileSink:
     """Writes at increasing offsets of one file: O_DIRECT for aligned chunks, else buffered."""
 
-    def __init__(self, path: str, offset: int, *, create: bool) -> None:
+    def __init__(self, path: str, offset: int, *, create: bool = False,
+                 fd: int | None = None) -> None:
+        """Open ``path`` (``create`` it: it must not exist), or take over its open ``fd``."""
         self.path = path
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
-        with translated(f"opening {path}"):
-            self.fd = os.open(path, flags, 0o644)
-        self._direct = _open_direct(path)
+        if fd is None:
+            flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+            with translated(f"opening {path}"):
+                fd = os.open(path, flags, 0o644)
+        self.fd = fd
+        #: the O_DIRECT descriptor, opened with the first aligned chunk; None: none possible
+        self._direct: int | None = -1 if _O_DIRECT else None
         self.start = self.pos = self._flushed = offset
 
     def write(self, data: Buffer) -> None:
@@ -100,6 +105,11 @@ class FileSink:
 
     def _write_direct(self, view: memoryview) -> None:
         """Whole pages from a page-aligned buffer go past the page cache."""
+        if self._direct == -1:
+            self._direct = _open_direct(self.path)
+            if self._direct is None:
+                self._write_buffered(view)
+                return
         assert self._direct is not None
         self._pwrite(self._direct, view)
         self._flushed = self.pos
@@ -122,9 +132,9 @@ class FileSink:
             os.fdatasync(self.fd)
 
     def close(self) -> None:
-        if self._direct is not None:
+        if self._direct is not None and self._direct >= 0:
             os.close(self._direct)
-            self._direct = None
+        self._direct = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

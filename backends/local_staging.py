@@ -86,8 +86,9 @@ class LocalAppender(Appender):
     off on publishing.
     """
 
-    def __init__(self, path: str, offset: int, state: dict, slots: int | None) -> None:
-        self._sink: FileSink | None = FileSink(path, offset, create=False)
+    def __init__(self, path: str, fd: int, offset: int, state: dict, slots: int | None
+                 ) -> None:
+        self._sink: FileSink | None = FileSink(path, offset, fd=fd)
         self._seq = state.get("seq", 0)
         self._slots = slots
         self.size = 0
@@ -176,9 +177,10 @@ class LocalUploadStaging:
                     slots = None
                 else:
                     slots, _ = _find_slots(fd)
-            finally:
+            except BaseException:
                 os.close(fd)
-        return LocalAppender(path, offset, state, slots)
+                raise
+        return LocalAppender(path, fd, offset, state, slots)
 
     def publish_upload(self, key: str, state: dict, size: int, final: str, *,
                        exclusive: bool = False) -> bool:
