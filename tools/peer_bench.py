@@ -226,10 +226,21 @@ class Bench:
         out = self.results[scenario]
         out.samples[direction].setdefault(server.key, []).append(sample)
 
+    def fresh_servers(self) -> None:
+        """Both registries again, on empty roots; the last round's data is deleted."""
+        self.close()
+        self.clients = {}
+        for server in self.servers:
+            server.restart_empty()
+
     def run(self, scenarios: list[str]) -> None:
+        first = True
         for scenario in scenarios:
             self.results[scenario] = Outcome()
             for rnd in range(1, self.args.runs + 1):
+                if not (first or self.args.reuse_servers):
+                    self.fresh_servers()
+                first = False
                 t0 = time.perf_counter()
                 if scenario.startswith("http-"):
                     self.http_round(scenario, rnd)
@@ -450,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="do not sync(2) before each timed step")
     ap.add_argument("--no-isolate-skopeo", dest="isolate_skopeo", action="store_false",
                     help="use the host's skopeo blob-info cache")
+    ap.add_argument("--reuse-servers", action="store_true",
+                    help="one pair of registries for the whole run, instead of a fresh pair "
+                         "on empty roots for every round (see tools/peer_bench.md)")
     ap.add_argument("--docker-registry", default="docker-registry",
                     help="the distribution binary (default: docker-registry on PATH)")
     ap.add_argument("--skopeo", default="skopeo")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -116,7 +117,7 @@ class Server:
         return clean_env()
 
     def start(self, timeout: float = 60) -> None:
-        with open(self.log_path, "wb") as out:
+        with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=self.env(),
                                          start_new_session=True)
@@ -135,6 +136,12 @@ class Server:
                     raise RuntimeError(f"{self.label} did not answer /v2/ within {timeout:.0f}s:"
                                        f"\n{self.log_tail()}")
                 time.sleep(0.1)
+
+    def restart_empty(self) -> None:
+        """Stop, delete the data root, start again on the same port."""
+        self.stop()
+        shutil.rmtree(self.dir / "root", ignore_errors=True)
+        self.start()
 
     def log_tail(self, n: int = 3000) -> str:
         try:
