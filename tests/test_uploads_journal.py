@@ -92,12 +92,26 @@ def append_chunks(engine: Engine, upload_id: str, count: int, start: int = 0) ->
         engine.uploads.append(upload_id, DATA[i * CHUNK:(i + 1) * CHUNK], i * CHUNK)
 
 
+def finish_upload(engine: Engine, upload_id: str, start: int) -> None:
+    """Append DATA's chunks from ``start`` on, commit, and read the whole blob back."""
+    append_chunks(engine, upload_id, len(DATA) // CHUNK - start, start=start)
+    result = engine.uploads.commit(upload_id, digest(DATA))
+    assert result.created and result.size == len(DATA)
+    assert b"".join(engine.read(digest(DATA))) == DATA
+
+
+def count_flushes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The descriptors of every ``fdatasync`` from now on."""
+    flushes: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (flushes.append(fd), real(fd))[1])
+    return flushes
+
+
 def test_an_append_costs_one_flush(power: PowerCut, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = power.engine
     upload_id = engine.uploads.start("a/b").id
-    flushes = []
-    real = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (flushes.append(fd), real(fd))[1])
+    flushes = count_flushes(monkeypatch)
     syncs = power.env.syncs
     append_chunks(engine, upload_id, 3)
     assert len(flushes) == 3  # the staged file's, one per append
@@ -115,17 +129,14 @@ def test_a_power_cut_keeps_every_acknowledged_append(power: PowerCut,
     with caplog.at_level(logging.WARNING, logger="casengine.uploads"):
         assert engine.uploads.status(upload_id).offset == 4 * CHUNK
     assert "recovered offset" in caplog.text
-    append_chunks(engine, upload_id, 2, start=4)
-    assert engine.uploads.commit(upload_id, digest(DATA)).size == len(DATA)
-    assert b"".join(engine.read(digest(DATA))) == DATA
+    finish_upload(engine, upload_id, 4)
 
 
 def test_an_append_after_the_cut_recovers_without_asking(power: PowerCut) -> None:
     upload_id = power.engine.uploads.start("a/b").id
     append_chunks(power.engine, upload_id, 3)
     engine = power.cut()
-    append_chunks(engine, upload_id, 3, start=3)  # at the acknowledged offset, not the index's
-    assert engine.uploads.commit(upload_id, digest(DATA)).created
+    finish_upload(engine, upload_id, 3)  # at the acknowledged offset, not the index's
 
 
 def test_bytes_that_never_reached_the_disk_are_not_adopted(power: PowerCut) -> None:
@@ -137,9 +148,7 @@ def test_bytes_that_never_reached_the_disk_are_not_adopted(power: PowerCut) -> N
         f.write(bytes(100))
     engine = power.cut()
     assert engine.uploads.status(upload_id).offset == 3 * CHUNK
-    append_chunks(engine, upload_id, 3, start=3)
-    assert engine.uploads.commit(upload_id, digest(DATA)).created
-    assert b"".join(engine.read(digest(DATA))) == DATA
+    finish_upload(engine, upload_id, 3)
 
 
 def test_a_torn_journal_entry_falls_back_to_the_one_before(power: PowerCut) -> None:
@@ -151,8 +160,7 @@ def test_a_torn_journal_entry_falls_back_to_the_one_before(power: PowerCut) -> N
         f.write(b"torn")
     engine = power.cut()
     assert engine.uploads.status(upload_id).offset == 3 * CHUNK
-    append_chunks(engine, upload_id, 3, start=3)
-    assert engine.uploads.commit(upload_id, digest(DATA)).created
+    finish_upload(engine, upload_id, 3)
 
 
 def test_recovery_rehashes_at_most_a_span(power: PowerCut, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -203,26 +211,21 @@ def test_without_room_for_slots_the_index_is_synced(
     assert power.env.syncs == syncs + 3
     engine = power.cut()
     assert engine.index.get_upload(upload_id)["offset"] == 3 * CHUNK
-    append_chunks(engine, upload_id, 3, start=3)
-    assert engine.uploads.commit(upload_id, digest(DATA)).created
-    assert b"".join(engine.read(digest(DATA))) == DATA
+    finish_upload(engine, upload_id, 3)
 
 
 def test_the_slots_move_ahead_of_the_bytes(power: PowerCut,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(staging, "FIRST_SLOTS", 2 * CHUNK)
     upload_id = power.engine.uploads.start("a/b").id
-    flushes = []
-    real = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (flushes.append(fd), real(fd))[1])
+    flushes = count_flushes(monkeypatch)
     append_chunks(power.engine, upload_id, 6)
     # moved before the 3rd append (to 4 chunks) and the 5th (to 8): one flush each
     assert len(flushes) == 6 + 2
     assert os.stat(power.staged(upload_id)).st_size == 8 * CHUNK + staging.SLOTS
     engine = power.cut()
     assert engine.uploads.status(upload_id).offset == 6 * CHUNK
-    assert engine.uploads.commit(upload_id, digest(DATA)).created
-    assert b"".join(engine.read(digest(DATA))) == DATA
+    finish_upload(engine, upload_id, 6)
 
 
 def test_a_torn_move_falls_back_to_the_slots_it_copied(power: PowerCut,
@@ -237,9 +240,7 @@ def test_a_torn_move_falls_back_to_the_slots_it_copied(power: PowerCut,
         f.write(os.urandom(staging.SLOTS))
     engine = power.cut()
     assert engine.uploads.status(upload_id).offset == 3 * CHUNK
-    append_chunks(engine, upload_id, 3, start=3)
-    assert engine.uploads.commit(upload_id, digest(DATA)).created
-    assert b"".join(engine.read(digest(DATA))) == DATA
+    finish_upload(engine, upload_id, 3)
 
 
 def test_a_cut_after_a_move_finds_the_copied_slots(power: PowerCut,
@@ -259,8 +260,7 @@ def test_a_cut_after_a_move_finds_the_copied_slots(power: PowerCut,
     engine = power.cut()
     assert engine.index.get_upload(upload_id)["offset"] == 0
     assert engine.uploads.status(upload_id).offset == 2 * CHUNK
-    append_chunks(engine, upload_id, 4, start=2)
-    assert engine.uploads.commit(upload_id, digest(DATA)).created
+    finish_upload(engine, upload_id, 2)
 
 
 def test_the_staged_file_is_cut_to_the_blob_on_commit(power: PowerCut) -> None:
