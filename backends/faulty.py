@@ -301,6 +301,9 @@ class _Writer(_Faulted, Writer):
 class _Appender(_Faulted, Appender):
     _inner: Appender
 
+    def expect(self, size: int) -> None:
+        self._inner.expect(size)
+
     def write(self, data: Buffer) -> None:
         self._write(data, "appending")
 

@@ -3,16 +3,26 @@
 Large aligned chunks (the engine's page-aligned read buffers) are written with
 ``O_DIRECT``: the disk DMAs them straight from the buffer while the caller hashes the next
 one, and the page cache is neither copied into nor flooded. Other writes go through the
-page cache, with writeback started after every few MiB (``sync_file_range`` on Linux), so
-the final fsync only has the tail left to flush.
+page cache, with writeback started after every MiB (``sync_file_range`` on Linux), so the
+final fsync only has the tail left to flush.
+
+A sink told to write ``bounced`` copies other chunks into a reused page-aligned buffer and
+writes that with ``O_DIRECT`` too; only the partial pages at either end of a chunk go
+through the page cache. That is for short appends that are flushed each on its own: on
+ext4 the flush after a direct write costs less than after writeback of the same bytes, and
+no page-cache pages have to be found for them (measured in ``benchmarks/uploads.py``).
+Longer writes keep the page cache, where writeback keeps more of the disk busy than one
+direct write at a time does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -26,6 +36,12 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 #: disk writes while the caller still hashes, so the fdatasync that acknowledges a chunk
 #: waits only for the last step.
 _WRITEBACK_STEP = 1 << 20
+#: A bounce buffer's size, and how many idle ones are kept for the next appends: a new
+#: buffer costs a page fault per page, a tenth of what copying into a used one does.
+_BOUNCE_SIZE = 1 << 20
+_BOUNCE_KEEP = 8
+_bounces: list[mmap.mmap] = []
+_bounces_lock = threading.Lock()
 
 
 def linux_call(name: str, *argtypes: type) -> Any:
@@ -71,6 +87,23 @@ def _open_direct(path: str) -> int | None:
         return None
 
 
+@contextlib.contextmanager
+def _bounce() -> Iterator[mmap.mmap]:
+    with _bounces_lock:
+        buf = _bounces.pop() if _bounces else None
+    if buf is None:
+        buf = mmap.mmap(-1, _BOUNCE_SIZE)
+    try:
+        yield buf
+    finally:
+        with _bounces_lock:
+            if len(_bounces) < _BOUNCE_KEEP:
+                _bounces.append(buf)
+                buf = None
+        if buf is not None:
+            buf.close()
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -80,7 +113,8 @@ def fsync_dir(path: str) -> None:
 
 
 class FileSink:
-    """Writes at increasing offsets of one file: O_DIRECT for aligned chunks, else buffered."""
+    """Writes at increasing offsets of one file: O_DIRECT for aligned chunks (and, when
+    ``bounced``, for the whole pages of any chunk), else buffered."""
 
     def __init__(self, path: str, offset: int, *, create: bool = False,
                  fd: int | None = None) -> None:
@@ -94,12 +128,15 @@ class FileSink:
         #: the O_DIRECT descriptor, opened with the first aligned chunk; None: none possible
         self._direct: int | None = -1 if _O_DIRECT else None
         self.start = self.pos = self._flushed = offset
+        self.bounced = False
 
     def write(self, data: Buffer) -> None:
         view = memoryview(data).cast("B")
         with translated(f"writing {self.path}"):
             if self._direct is not None and self.pos % _ALIGN == 0 and _aligned(view):
                 self._write_direct(view)
+            elif self._direct is not None and self.bounced:
+                self._write_bounced(view)
             else:
                 self._write_buffered(view)
 
@@ -113,6 +150,21 @@ class FileSink:
         assert self._direct is not None
         self._pwrite(self._direct, view)
         self._flushed = self.pos
+
+    def _write_bounced(self, view: memoryview) -> None:
+        """Whole pages through an aligned buffer; the partial ones at the ends buffered."""
+        head = min(len(view), -self.pos % _ALIGN)
+        whole = (len(view) - head) // _ALIGN * _ALIGN
+        if head:
+            self._write_buffered(view[:head])
+        if whole:
+            with _bounce() as buf:
+                for at in range(head, head + whole, len(buf)):
+                    part = view[at:min(at + len(buf), head + whole)]
+                    buf[:len(part)] = part
+                    self._write_direct(memoryview(buf)[:len(part)])
+        if head + whole < len(view):
+            self._write_buffered(view[head + whole:])
 
     def _write_buffered(self, view: memoryview) -> None:
         self._pwrite(self.fd, view)

@@ -40,6 +40,9 @@ SLOTS = 2 * _BLOCK
 #: Where the first slots go; later ones at the next power of two past the bytes.
 FIRST_SLOTS = 16 << 20
 _MAGIC = b"casjrnl1"
+#: Appends up to this long write their bytes direct (see :mod:`backends.local_files`):
+#: their flush is most of what they cost.
+DIRECT_APPEND = 1 << 20
 #: Slots that cannot be written (a file system without sparse files, or too small for the
 #: offset) only mean the append is not journaled: the caller records it durably itself.
 _NO_JOURNAL = (errno.EFBIG, errno.EINVAL, errno.ENOSPC, errno.EOPNOTSUPP)
@@ -92,6 +95,10 @@ class LocalAppender(Appender):
         self._seq = state.get("seq", 0)
         self._slots = slots
         self.size = 0
+
+    def expect(self, size: int) -> None:
+        if self._sink is not None:
+            self._sink.bounced = 0 < size <= DIRECT_APPEND
 
     def write(self, data: Buffer) -> None:
         if self._sink is None:

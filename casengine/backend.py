@@ -130,6 +130,10 @@ class Appender(ABC):
     #: Set by :meth:`finish` when the journal it was given is durable with the bytes.
     journaled: bool = False
 
+    def expect(self, size: int) -> None:
+        """A hint, given before the first write: this append will have ``size`` bytes.
+        A backend may choose how it writes by it; nothing else depends on it."""
+
     @abstractmethod
     def write(self, data: Buffer) -> None: ...
 

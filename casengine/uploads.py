@@ -95,6 +95,13 @@ def _boot_id() -> str | None:
 BOOT = _boot_id()
 
 
+def _buffer_size(source: Source) -> int | None:
+    """The length of a bytes-like ``source``; None for anything read as it comes."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return memoryview(source).nbytes
+    return None
+
+
 class _Stale(Exception):
     """The record was written in an earlier boot: recover it before using it."""
 
@@ -318,6 +325,9 @@ class Uploads:
         with (open_source(source, pool, APPEND_CHUNK) as chunks,
               backend.append(upload_key(rec["id"]), rec["backend"], rec["offset"]) as appender,
               WritePipeline(appender, shared.release) as pipe):
+            size = length if length is not None else _buffer_size(source)
+            if size is not None:
+                appender.expect(size)
             for chunk in chunks:
                 n += len(chunk[0])
                 if length is not None and n > length:
