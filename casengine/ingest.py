@@ -224,6 +224,12 @@ class WritePipeline:
         self._done: threading.Event | None = None  #: set when the worker has drained the queue
         self._first: Chunk | None = None
         self._error: BaseException | None = None
+        # chunks handed to the worker and written by it; once the caller has put its last
+        # chunk, ``_wanted`` is their number and ``_caught_up`` is set when all are written
+        self._lock = threading.Lock()
+        self._put = self._written = 0
+        self._wanted: int | None = None
+        self._caught_up = threading.Event()
 
     def _write(self, chunk: Chunk) -> None:
         view, buf = chunk
@@ -240,6 +246,10 @@ class WritePipeline:
         try:
             while (chunk := self._queue.get()) is not None:
                 self._write(chunk)
+                with self._lock:
+                    self._written += 1
+                    if self._written == self._wanted:
+                        self._caught_up.set()
         finally:
             done.set()
 
@@ -253,17 +263,32 @@ class WritePipeline:
             done = self._done = threading.Event()
             _workers.run(lambda: self._run(done))
             if self._first is not None:
+                self._put += 1
                 self._queue.put(self._first)
                 self._first = None
+        self._put += 1
         self._queue.put(chunk)
 
     def finish(self) -> None:
-        self._stop()
+        self._drain()
         if self._first is not None:
             first, self._first = self._first, None
             self._write(first)
         if self._error is not None:
             raise self._error
+
+    def _drain(self) -> None:
+        """Wait until the worker has written every chunk, then let it go without waiting
+        for it: a worker that is done by the time the caller is costs no wake-up at all."""
+        if self._done is None:
+            return
+        with self._lock:
+            self._wanted = self._put
+            caught_up = self._written == self._put
+        if not caught_up:
+            self._caught_up.wait()
+        self._queue.put(None)
+        self._done = None
 
     def _stop(self) -> None:
         if self._done is not None:
