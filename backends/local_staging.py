@@ -85,29 +85,54 @@ def _find_slots(fd: int) -> tuple[int | None, list[bytes]]:
 class LocalAppender(Appender):
     """Bytes at ``offset`` of the session's file; the journal in the slots past them.
 
-    What an unfinished append leaves past the offset is overwritten by the next one, or cut
-    off on publishing.
+    The file is opened with the first write, in the thread that writes: the open and the
+    search for the slots then overlap the hashing of the first chunk. What an unfinished
+    append leaves past the offset is overwritten by the next one, or cut off on publishing.
     """
 
-    def __init__(self, path: str, fd: int, offset: int, state: dict, slots: int | None
-                 ) -> None:
-        self._sink: FileSink | None = FileSink(path, offset, fd=fd)
+    def __init__(self, key: str, path: str, offset: int, state: dict) -> None:
+        self._key = key
+        self._path = path
+        self._offset = offset
         self._seq = state.get("seq", 0)
-        self._slots = slots
+        self._sink: FileSink | None = None
+        self._slots: int | None = None
+        self._bounced = False
+        self._closed = False
         self.size = 0
 
+    def _opened(self) -> FileSink:
+        if self._closed:
+            raise BackendError("write after finish or abort")
+        if self._sink is None:
+            with translated(f"staging {self._key}"):
+                # only a session's start creates its file: a later append to a file that has
+                # gone must fail, not write after a hole
+                create = os.O_CREAT if self._offset == 0 else 0
+                fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC | create, 0o644)
+                try:
+                    if self._offset == 0:
+                        os.ftruncate(fd, 0)  # nothing is acknowledged yet: drop what is there
+                        fsync_dir(os.path.dirname(self._path))
+                    else:
+                        self._slots, _ = _find_slots(fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            self._sink = FileSink(self._path, self._offset, fd=fd)
+            self._sink.bounced = self._bounced
+        return self._sink
+
     def expect(self, size: int) -> None:
-        if self._sink is not None:
-            self._sink.bounced = 0 < size <= DIRECT_APPEND
+        self._bounced = 0 < size <= DIRECT_APPEND
 
     def write(self, data: Buffer) -> None:
-        if self._sink is None:
-            raise BackendError("write after finish or abort")
-        end = self._sink.pos + memoryview(data).nbytes
+        sink = self._opened()
+        end = sink.pos + memoryview(data).nbytes
         if self._slots is not None and end > self._slots:
             self._move_slots(end)
-        self._sink.write(data)
-        self.size = self._sink.pos - self._sink.start
+        sink.write(data)
+        self.size = sink.pos - sink.start
 
     def _move_slots(self, end: int) -> None:
         """Copy the slots past ``end`` and make the copy durable before bytes cover them."""
@@ -119,16 +144,14 @@ class LocalAppender(Appender):
         self._slots = new
 
     def finish(self, journal: dict | None = None) -> dict:
-        if self._sink is None:
-            raise BackendError("finish after finish or abort")
+        sink = self._opened()
         # every append advances seq, journaled or not: an entry is newer than a record
         # exactly when its seq is higher
-        state = {"seq": self._seq + 1, "size": self._sink.pos}
+        state = {"seq": self._seq + 1, "size": sink.pos}
         if journal is not None:
             self.journaled = self._write_slot(state, journal)
-        self._sink.sync()
-        self._sink.close()
-        self._sink = None
+        sink.sync()
+        self.abort()
         return state
 
     def _write_slot(self, state: dict, journal: dict) -> bool:
@@ -152,6 +175,7 @@ class LocalAppender(Appender):
         return True
 
     def abort(self) -> None:
+        self._closed = True
         if self._sink is not None:
             self._sink.close()
             self._sink = None
@@ -173,21 +197,7 @@ class LocalUploadStaging:
         path = self._upload_file(key)
         with translated(f"staging {key}"):
             self.make_parents(path)
-            # only a session's start creates its file: a later append to a file that has gone
-            # must fail, not write after a hole
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if offset == 0 else 0),
-                         0o644)
-            try:
-                if offset == 0:
-                    os.ftruncate(fd, 0)  # nothing is acknowledged yet: drop what is there
-                    fsync_dir(os.path.dirname(path))
-                    slots = None
-                else:
-                    slots, _ = _find_slots(fd)
-            except BaseException:
-                os.close(fd)
-                raise
-        return LocalAppender(path, fd, offset, state, slots)
+        return LocalAppender(key, path, offset, state)
 
     def publish_upload(self, key: str, state: dict, size: int, final: str, *,
                        exclusive: bool = False) -> bool:
