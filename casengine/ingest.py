@@ -217,9 +217,15 @@ class WritePipeline:
     Use as a context manager; :meth:`finish` waits for the writes and re-raises their error.
     """
 
-    def __init__(self, target: Target, release: Callable[[mmap.mmap], None]) -> None:
+    def __init__(self, target: Target, release: Callable[[mmap.mmap], None],
+                 size: int | None = None) -> None:
+        """``size``, if known, is how many bytes will be put: the worker is then told to stop
+        with the last chunk, while it writes, rather than woken for it afterwards."""
         self.target = target
         self._release = release
+        self._size = size
+        self._bytes = 0
+        self._stopped = False  #: the stop marker is queued
         self._queue: queue.Queue[Chunk | None] = queue.Queue(maxsize=POOL)
         self._done: threading.Event | None = None  #: set when the worker has drained the queue
         self._first: Chunk | None = None
@@ -256,6 +262,9 @@ class WritePipeline:
     def put(self, chunk: Chunk) -> None:
         if self._error is not None:
             raise self._error
+        if self._stopped:
+            raise ValueError(f"more than the {self._size} bytes announced")
+        self._bytes += len(chunk[0])
         if self._done is None:
             if self._first is None and len(chunk[0]) < THREAD_AT:
                 self._first = chunk
@@ -268,6 +277,8 @@ class WritePipeline:
                 self._first = None
         self._put += 1
         self._queue.put(chunk)
+        if self._bytes == self._size:
+            self._stop_worker()
 
     def finish(self) -> None:
         self._drain()
@@ -287,14 +298,19 @@ class WritePipeline:
             caught_up = self._written == self._put
         if not caught_up:
             self._caught_up.wait()
-        self._queue.put(None)
+        self._stop_worker()
         self._done = None
 
     def _stop(self) -> None:
         if self._done is not None:
-            self._queue.put(None)
+            self._stop_worker()
             self._done.wait()
             self._done = None
+
+    def _stop_worker(self) -> None:
+        if not self._stopped:
+            self._queue.put(None)
+            self._stopped = True
 
     def __enter__(self) -> Self:
         return self

@@ -322,10 +322,10 @@ class Uploads:
         shared = _SharedBuffers(pool)
         n = 0
         head: bool | None = None
+        size = length if length is not None else _buffer_size(source)
         with (open_source(source, pool, APPEND_CHUNK) as chunks,
               backend.append(upload_key(rec["id"]), rec["backend"], rec["offset"]) as appender,
-              WritePipeline(appender, shared.release) as pipe):
-            size = length if length is not None else _buffer_size(source)
+              WritePipeline(appender, shared.release, size) as pipe):
             if size is not None:
                 appender.expect(size)
             for chunk in chunks:
