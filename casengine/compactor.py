@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 #: Blobs whose first chunk is at least this big are compressed after the acknowledgement.
 DEFER_AT = 1 << 20
+#: How long step 5 waits for a delete of the same blob that holds the ``deleting`` lease.
+ORPHAN_WAIT = 30.0
 
 
 class Compactor:
@@ -197,5 +199,7 @@ class Compactor:
 
         with engine.index.transaction(write=True) as txn:
             swapped = swap(txn)
-        engine.delete_orphan(digest, RAW if swapped else ZST)
+        # a delete of the blob that ran meanwhile removed the object its record named (the
+        # raw one): ours is left to us, once that delete is done
+        engine.delete_orphan(digest, RAW if swapped else ZST, wait=ORPHAN_WAIT)
         return swapped

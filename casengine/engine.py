@@ -297,20 +297,32 @@ class Engine:
             self._end_delete(key, lease)
         return True
 
-    def delete_orphan(self, digest: Digest, codec: str) -> bool:
+    def delete_orphan(self, digest: Digest, codec: str, *, wait: float = 0.0) -> bool:
         """Delete the blob's ``codec`` object unless a record names it; return whether it
         was deleted. A ``deleting`` lease stands while it goes, so an ingest of the same
-        bytes waits instead of adopting an object about to vanish."""
+        bytes waits instead of adopting an object about to vanish.
+
+        Another delete of the digest under way (a live lease) makes it give up, or with
+        ``wait`` first wait up to that many seconds for that delete to end: it removes the
+        object its record named, which need not be this one."""
         name = str(digest).encode()
         lease = new_lease()
-        with self.index.transaction(write=True) as txn:
-            value = txn.get("blobs", name)
-            if value is not None and unpack_blob(name, value).codec == codec:
-                return False  # recorded meanwhile
-            held = txn.get("deleting", name)
-            if held is not None and is_live(json.loads(held)):
-                return False  # a dead one is what a collector killed mid-delete left
-            txn.put("deleting", name, json.dumps(lease).encode())
+        deadline = time.monotonic() + wait
+        pause = 0.001
+        while True:
+            with self.index.transaction(write=True) as txn:
+                value = txn.get("blobs", name)
+                if value is not None and unpack_blob(name, value).codec == codec:
+                    return False  # recorded meanwhile
+                held = txn.get("deleting", name)
+                # a dead lease is what a collector killed mid-delete left
+                if held is None or not is_live(json.loads(held)):
+                    txn.put("deleting", name, json.dumps(lease).encode())
+                    break
+            if time.monotonic() + pause > deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
         try:
             self.backend.delete(blob_key(digest, codec))
         finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from casengine.backend import ObjectInfo, Writer
+from casengine.backend import Backend, ObjectInfo, Writer
 from casengine.check import Checker
 from casengine.compression import Policy
 from casengine.digest import Digest
@@ -212,6 +212,58 @@ def test_a_blob_deleted_during_compression_leaves_nothing(tmp_path: Path) -> Non
     try:
         digest = str(engine.ingest(DATA).digest)
         assert not engine.compactor.compact(digest)
+        assert not engine.exists(digest) and objects_of(engine, digest) == []
+    finally:
+        inner.close()
+
+
+class DeleteAcrossCommit(WrappedBackend):
+    """A delete of the blob starts just before the zstd object is published and is still
+    removing the raw object, under its ``deleting`` lease, when the compactor finds its
+    record gone and comes to remove the zstd object it made."""
+
+    engine: Engine | None = None
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.deleting = threading.Event()
+        self.delete_done = threading.Event()
+        self.deleter: threading.Thread | None = None
+
+    def delete(self, key: str) -> bool:
+        if key.endswith(".raw"):
+            self.deleting.set()
+            # still deleting when the compactor gets to its orphan
+            threading.Timer(0.2, self.delete_done.set).start()
+            self.delete_done.wait(10)
+        return self.inner.delete(key)
+
+    def wrap_writer(self, writer: Writer) -> Writer:
+        real_commit = writer.commit
+
+        def commit(key: str, *, exclusive: bool = False) -> bool:
+            parsed = parse_blob_key(key)
+            if parsed is not None and parsed[1] == ZST and self.engine is not None:
+                engine, digest = self.engine, parsed[0]
+                self.deleter = threading.Thread(target=lambda: engine.delete(digest))
+                self.deleter.start()
+                assert self.deleting.wait(10)
+            return real_commit(key, exclusive=exclusive)
+
+        writer.commit = commit  # type: ignore[method-assign]
+        return writer
+
+
+def test_a_delete_still_running_when_compression_ends_leaves_nothing(tmp_path: Path) -> None:
+    inner = Engine.open(str(tmp_path / "root"))
+    backend = DeleteAcrossCommit(inner.backend)
+    engine = Engine(backend, inner.index)
+    backend.engine = engine
+    try:
+        digest = ingest_raw(engine)
+        assert not engine.compactor.compact(digest)
+        assert backend.deleter is not None
+        backend.deleter.join(10)
         assert not engine.exists(digest) and objects_of(engine, digest) == []
     finally:
         inner.close()

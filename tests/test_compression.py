@@ -337,6 +337,7 @@ def test_delete_gc_and_reindex_know_zst(tmp_path: Path) -> None:
         registry = Registry(engine)
         digests = [str(registry.ingest_blob("team/app", b).digest) for b in (keep, drop, noise)]
         assert registry.unlink("team/app", digests[1]) and engine.delete(digests[1])
+        engine.wait_compacted()
         assert blob_objects(engine) == sorted(stored_key(engine, d) for d in (digests[0], digests[2]))
         before = {r.digest: (r.size, r.codec, r.stored_size) for r in engine.list()}
         index = engine.index.path
