@@ -197,11 +197,14 @@ class DeleteBeforeCommit(WrappedBackend):
         def commit(key: str, *, exclusive: bool = False) -> bool:
             parsed = parse_blob_key(key)
             if parsed is not None and parsed[1] == ZST and self.engine is not None:
-                assert self.engine.delete(parsed[0])
+                self.before_commit(self.engine, parsed[0])
             return real_commit(key, exclusive=exclusive)
 
         writer.commit = commit  # type: ignore[method-assign]
         return writer
+
+    def before_commit(self, engine: Engine, digest: Digest) -> None:
+        assert engine.delete(digest)
 
 
 def test_a_blob_deleted_during_compression_leaves_nothing(tmp_path: Path) -> None:
@@ -217,12 +220,10 @@ def test_a_blob_deleted_during_compression_leaves_nothing(tmp_path: Path) -> Non
         inner.close()
 
 
-class DeleteAcrossCommit(WrappedBackend):
+class DeleteAcrossCommit(DeleteBeforeCommit):
     """A delete of the blob starts just before the zstd object is published and is still
     removing the raw object, under its ``deleting`` lease, when the compactor finds its
     record gone and comes to remove the zstd object it made."""
-
-    engine: Engine | None = None
 
     def __init__(self, inner: Backend) -> None:
         super().__init__(inner)
@@ -238,20 +239,10 @@ class DeleteAcrossCommit(WrappedBackend):
             self.delete_done.wait(10)
         return self.inner.delete(key)
 
-    def wrap_writer(self, writer: Writer) -> Writer:
-        real_commit = writer.commit
-
-        def commit(key: str, *, exclusive: bool = False) -> bool:
-            parsed = parse_blob_key(key)
-            if parsed is not None and parsed[1] == ZST and self.engine is not None:
-                engine, digest = self.engine, parsed[0]
-                self.deleter = threading.Thread(target=lambda: engine.delete(digest))
-                self.deleter.start()
-                assert self.deleting.wait(10)
-            return real_commit(key, exclusive=exclusive)
-
-        writer.commit = commit  # type: ignore[method-assign]
-        return writer
+    def before_commit(self, engine: Engine, digest: Digest) -> None:
+        self.deleter = threading.Thread(target=lambda: engine.delete(digest))
+        self.deleter.start()
+        assert self.deleting.wait(10)
 
 
 def test_a_delete_still_running_when_compression_ends_leaves_nothing(tmp_path: Path) -> None:
