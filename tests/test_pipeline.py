@@ -1,0 +1,106 @@
+"""WritePipeline: every chunk written in order before finish returns, errors raised, and a
+worker that stops by itself when the length is known."""
+
+import threading
+import time
+
+import pytest
+
+from casengine import ingest
+from casengine.ingest import THREAD_AT, WritePipeline
+
+BIG = THREAD_AT  # a chunk this long starts the worker
+
+
+class Recorder:
+    def __init__(self, delay: float = 0.0, fail_at: int | None = None) -> None:
+        self.chunks: list[bytes] = []
+        self.threads: set[str] = set()
+        self.delay = delay
+        self.fail_at = fail_at
+
+    def write(self, data: memoryview) -> None:
+        if self.fail_at is not None and len(self.chunks) == self.fail_at:
+            raise OSError(28, "No space left on device")
+        time.sleep(self.delay)
+        self.threads.add(threading.current_thread().name)
+        self.chunks.append(bytes(data))
+
+
+def chunks(n: int, size: int = BIG) -> list[bytes]:
+    return [bytes([i]) * size for i in range(n)]
+
+
+@pytest.mark.parametrize("announced", [False, True])
+@pytest.mark.parametrize("delay", [0.0, 0.002])
+def test_every_chunk_is_written_in_order_before_finish_returns(announced: bool,
+                                                               delay: float) -> None:
+    data = [b"small"] + chunks(4)
+    target = Recorder(delay)
+    size = sum(map(len, data)) if announced else None
+    with WritePipeline(target, lambda buf: None, size) as pipe:
+        for chunk in data:
+            pipe.put((memoryview(chunk), None))
+        pipe.finish()
+        assert target.chunks == data
+    assert target.threads == {"casengine-writer"}
+
+
+def test_one_small_chunk_is_written_by_the_caller() -> None:
+    target = Recorder()
+    with WritePipeline(target, lambda buf: None, 5) as pipe:
+        pipe.put((memoryview(b"small"), None))
+        pipe.finish()
+    assert target.chunks == [b"small"]
+    assert target.threads == {threading.current_thread().name}
+
+
+def test_a_write_error_is_raised_and_later_chunks_are_not_written() -> None:
+    target = Recorder(fail_at=1)
+    with pytest.raises(OSError, match="No space"), WritePipeline(target, lambda b: None) as pipe:
+        for chunk in chunks(4):
+            pipe.put((memoryview(chunk), None))
+        pipe.finish()
+    assert target.chunks == chunks(1)
+
+
+def test_leaving_early_waits_for_the_worker() -> None:
+    target = Recorder(delay=0.01)
+    with pytest.raises(RuntimeError), WritePipeline(target, lambda b: None) as pipe:
+        for chunk in chunks(3):
+            pipe.put((memoryview(chunk), None))
+        raise RuntimeError("the caller failed")
+    written = len(target.chunks)
+    time.sleep(0.05)
+    assert len(target.chunks) == written  # nothing is written after the block is left
+
+
+def test_with_the_length_known_the_worker_stops_with_the_last_chunk() -> None:
+    # the worker goes back to the pool before finish is called: nobody has to wake it
+    data = chunks(2)
+    with WritePipeline(Recorder(), lambda b: None, sum(map(len, data))) as pipe:
+        for chunk in data:
+            pipe.put((memoryview(chunk), None))
+        deadline = time.monotonic() + 5
+        while not pipe._done.is_set():  # set when the worker has left its loop
+            assert time.monotonic() < deadline, "the worker waits for a stop marker"
+            time.sleep(0.001)
+        pipe.finish()
+
+
+def test_more_than_the_announced_length_is_refused() -> None:
+    with WritePipeline(Recorder(), lambda b: None, BIG) as pipe:
+        pipe.put((memoryview(bytes(BIG)), None))
+        with pytest.raises(ValueError, match="announced"):
+            pipe.put((memoryview(b"x"), None))
+        pipe.finish()
+
+
+def test_workers_are_reused() -> None:
+    for _ in range(3):
+        with WritePipeline(Recorder(), lambda b: None, 2 * BIG) as pipe:
+            for chunk in chunks(2):
+                pipe.put((memoryview(chunk), None))
+            pipe.finish()
+    time.sleep(0.01)
+    assert ingest._workers._idle >= 1
