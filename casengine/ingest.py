@@ -209,6 +209,36 @@ class _Workers:
 _workers = _Workers()
 
 
+def write_while(target: Target, data: Buffer, aside: Callable[[], None]) -> None:
+    """Write ``data`` to ``target`` in this thread while a worker runs ``aside`` (hashing
+    the same bytes); return when both are done.
+
+    The reverse of :class:`WritePipeline`, for one chunk whose write mostly waits for the
+    disk (a direct write): this thread, already running, starts the write at once. A
+    worker woken to write instead may have to wait until this thread's hashing is done,
+    when the scheduler has put both on the same busy CPU; woken to hash, it gets the CPU
+    as soon as the write waits for the disk.
+    """
+    done = threading.Event()
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            aside()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            error.append(exc)
+        finally:
+            done.set()
+
+    _workers.run(run)
+    try:
+        target.write(data)
+    finally:
+        done.wait()  # the worker reads ``data``: it must be done before the caller goes on
+    if error:
+        raise error[0]
+
+
 class WritePipeline:
     """Writes chunks to ``target`` on a second thread.
 

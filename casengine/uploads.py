@@ -39,6 +39,7 @@ with a warning in the log.
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import re
@@ -61,7 +62,14 @@ from casengine.errors import (
     SizeMismatch,
     UploadNotFound,
 )
-from casengine.ingest import POOL, BufferPool, Source, WritePipeline, open_source
+from casengine.ingest import (
+    POOL,
+    BufferPool,
+    Source,
+    WritePipeline,
+    open_source,
+    write_while,
+)
 from casengine.layout import UPLOADS, ZST, upload_key
 from casengine.leases import is_live, new_lease
 
@@ -77,6 +85,9 @@ _ID = re.compile(r"[a-f0-9]{32}")
 #: hashed, written and synced, and that tail is what hashing cannot overlap, so keep it
 #: small. Larger pieces buy nothing once the per-piece overhead (microseconds) is paid.
 APPEND_CHUNK = 1 << 20
+#: An append of one chunk at least this long hashes on a worker while it is written: for
+#: less, waking the worker costs about what the overlap saves.
+ASIDE_AT = 256 << 10
 #: A journaled release is still made durable when the offset crosses a multiple of this,
 #: so recovery after a power cut re-hashes at most about this much of a session.
 RECOVERY_SPAN = 1 << 30
@@ -332,12 +343,17 @@ class Uploads:
                 n += len(chunk[0])
                 if length is not None and n > length:
                     raise SizeMismatch(length, n)
-                # the writer thread writes the piece while this thread hashes it: an append
-                # then takes as long as the slower of the two, not their sum
+                # the bytes are written and hashed at the same time: an append then takes as
+                # long as the slower of the two, not their sum
                 shared.hold(chunk[1])
-                pipe.put(chunk)
-                if hasher is not None:
-                    hasher.update(chunk[0])
+                if hasher is not None and n == size == len(chunk[0]) >= ASIDE_AT:
+                    # the whole append in one chunk: written here, hashed on a worker
+                    write_while(appender, chunk[0], functools.partial(hasher.update, chunk[0]))
+                    shared.release(chunk[1])
+                else:  # written on a worker, hashed here
+                    pipe.put(chunk)
+                    if hasher is not None:
+                        hasher.update(chunk[0])
                 if head is None and rec["offset"] == 0 and n == len(chunk[0]):
                     # the blob's first bytes: the sample the compression policy decides on,
                     # so that a commit hands only compressible blobs to the compactor

@@ -1,13 +1,19 @@
 """WritePipeline: every chunk written in order before finish returns, errors raised, and a
 worker that stops by itself when the length is known."""
 
+import hashlib
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from casengine import ingest
-from casengine.ingest import THREAD_AT, WritePipeline
+from casengine import hashstate, ingest
+from casengine.engine import Engine
+from casengine.ingest import THREAD_AT, WritePipeline, write_while
+from casengine.uploads import ASIDE_AT
+from tests.helpers import MIB
 
 BIG = THREAD_AT  # a chunk this long starts the worker
 
@@ -104,3 +110,59 @@ def test_workers_are_reused() -> None:
             pipe.finish()
     time.sleep(0.01)
     assert ingest._workers._idle >= 1
+
+
+def test_write_while_writes_here_and_runs_the_other_job_on_a_worker() -> None:
+    target = Recorder(delay=0.01)
+    ran: list[str] = []
+    aside_done = threading.Event()
+
+    def aside() -> None:
+        time.sleep(0.02)  # longer than the write: the call must wait for it
+        ran.append(threading.current_thread().name)
+        aside_done.set()
+
+    write_while(target, memoryview(b"chunk"), aside)
+    assert aside_done.is_set()
+    assert target.chunks == [b"chunk"]
+    assert target.threads == {threading.current_thread().name}
+    assert ran == ["casengine-writer"]
+
+
+def test_write_while_raises_either_error_after_both_are_done() -> None:
+    def bad_aside() -> None:
+        raise ValueError("hash failed")
+
+    with pytest.raises(ValueError, match="hash failed"):
+        write_while(Recorder(), memoryview(b"x"), bad_aside)
+    finished = threading.Event()
+
+    def slow_aside() -> None:
+        time.sleep(0.02)
+        finished.set()
+
+    with pytest.raises(OSError, match="No space"):
+        write_while(Recorder(fail_at=0), memoryview(b"x"), slow_aside)
+    assert finished.is_set()
+
+
+def test_an_append_in_one_chunk_is_hashed_aside_and_written_by_the_caller(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hashed_in: list[str] = []
+    real_update = hashstate.ResumableHash.update
+
+    def update(self: hashstate.ResumableHash, data: memoryview) -> None:
+        hashed_in.append(threading.current_thread().name)
+        real_update(self, data)
+
+    monkeypatch.setattr(hashstate.ResumableHash, "update", update)
+    here = threading.current_thread().name
+    data = os.urandom(ASIDE_AT + 3 * MIB)
+    with Engine.open(str(tmp_path / "root")) as engine:
+        upload = engine.uploads.start()
+        engine.uploads.append(upload.id, data[:ASIDE_AT], 0)  # one chunk: hashed aside
+        engine.uploads.append(upload.id, data[ASIDE_AT:ASIDE_AT + 4096], ASIDE_AT)  # short
+        engine.uploads.append(upload.id, data[ASIDE_AT + 4096:], ASIDE_AT + 4096)  # 3 chunks
+        result = engine.uploads.commit(upload.id, "sha256:" + hashlib.sha256(data).hexdigest())
+    assert result.size == len(data)
+    assert hashed_in == ["casengine-writer", here, here, here, here]
