@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO, Any, Protocol, Self
+from typing import IO, Any, Protocol, Self, TypeVar
 
 from casengine.backend import Buffer
 from casengine.errors import InvalidInput
@@ -209,15 +209,18 @@ class _Workers:
 _workers = _Workers()
 
 
-def write_while(target: Target, data: Buffer, aside: Callable[[], None]) -> None:
-    """Write ``data`` to ``target`` in this thread while a worker runs ``aside`` (hashing
-    the same bytes); return when both are done.
+T = TypeVar("T")
 
-    The reverse of :class:`WritePipeline`, for one chunk whose write mostly waits for the
-    disk (a direct write): this thread, already running, starts the write at once. A
-    worker woken to write instead may have to wait until this thread's hashing is done,
-    when the scheduler has put both on the same busy CPU; woken to hash, it gets the CPU
-    as soon as the write waits for the disk.
+
+def alongside(here: Callable[[], T], aside: Callable[[], None]) -> T:
+    """Run ``here`` in this thread while a worker runs ``aside``; return ``here``'s result
+    once both are done (an error of either is raised then).
+
+    The reverse of :class:`WritePipeline`, for a write that mostly waits for the disk (a
+    direct write, a flush) next to a hash that is pure CPU: this thread, already running,
+    starts the write at once, and the worker hashes. A worker woken to write instead may
+    have to wait until this thread's hashing is done, when the scheduler has put both on
+    the same busy CPU; woken to hash, it gets the CPU whenever the write waits.
     """
     done = threading.Event()
     error: list[BaseException] = []
@@ -232,11 +235,12 @@ def write_while(target: Target, data: Buffer, aside: Callable[[], None]) -> None
 
     _workers.run(run)
     try:
-        target.write(data)
+        result = here()
     finally:
-        done.wait()  # the worker reads ``data``: it must be done before the caller goes on
+        done.wait()  # the worker may read the caller's buffers: it must be done first
     if error:
         raise error[0]
+    return result
 
 
 class WritePipeline:

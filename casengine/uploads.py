@@ -50,6 +50,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import xxhash
+
 from casengine import hashstate
 from casengine.digest import Digest, Hasher, parse_digest
 from casengine.errors import (
@@ -67,13 +69,14 @@ from casengine.ingest import (
     BufferPool,
     Source,
     WritePipeline,
+    alongside,
     open_source,
-    write_while,
 )
 from casengine.layout import UPLOADS, ZST, upload_key
 from casengine.leases import is_live, new_lease
 
 if TYPE_CHECKING:
+    from casengine.backend import Appender
     from casengine.engine import Engine, IngestResult
 
 log = logging.getLogger(__name__)
@@ -260,13 +263,25 @@ class Uploads:
                                                  bytes.fromhex(saved["state"]), rec["offset"])
         best: dict = {}
         for state, entry in entries:
-            for chunk in journal.read(hasher.size, entry["offset"]):
+            # an entry vouches with the hash state at its offset, or (an append of one chunk,
+            # finished before its hash was) with the state where it began and an xxh3 of
+            # the bytes it added
+            vouched = entry.get("from", entry["offset"])
+            for chunk in journal.read(hasher.size, vouched):
                 hasher.update(chunk)
             claimed = hashstate.ResumableHash.restore(
-                saved["algorithm"], bytes.fromhex(entry["hash"]["state"]), entry["offset"])
-            if hasher.size != entry["offset"] or hasher.digest() != claimed.digest():
+                saved["algorithm"], bytes.fromhex(entry["hash"]["state"]), vouched)
+            if hasher.size != vouched or hasher.digest() != claimed.digest():
                 break  # an append the power cut caught half written: later ones cannot hold
-            best = {"offset": entry["offset"], "hash": entry["hash"], "backend": state}
+            if "tail" in entry:
+                tail = xxhash.xxh3_64()
+                for chunk in journal.read(vouched, entry["offset"]):
+                    tail.update(chunk)
+                    hasher.update(chunk)
+                if hasher.size != entry["offset"] or tail.hexdigest() != entry["tail"]:
+                    break
+            best = {"offset": entry["offset"], "backend": state,
+                    "hash": {"algorithm": hasher.algorithm, "state": hasher.state().hex()}}
             if "compress" in entry:
                 best["compress"] = entry["compress"]
         if best:
@@ -333,6 +348,7 @@ class Uploads:
         shared = _SharedBuffers(pool)
         n = 0
         head: bool | None = None
+        finished: dict | None = None  #: the backend's state, where the append finished early
         size = length if length is not None else _buffer_size(source)
         with (open_source(source, pool, APPEND_CHUNK) as chunks,
               backend.append(upload_key(rec["id"]), rec["backend"], rec["offset"]) as appender,
@@ -347,8 +363,15 @@ class Uploads:
                 # long as the slower of the two, not their sum
                 shared.hold(chunk[1])
                 if hasher is not None and n == size == len(chunk[0]) >= ASIDE_AT:
-                    # the whole append in one chunk: written here, hashed on a worker
-                    write_while(appender, chunk[0], functools.partial(hasher.update, chunk[0]))
+                    # the whole append in one chunk: written and flushed here, hashed on a
+                    # worker meanwhile
+                    if (extra := next(chunks, None)) is not None:
+                        raise SizeMismatch(size, n + len(extra[0]))
+                    if rec["offset"] == 0:
+                        head = self.engine.compression.choose(chunk[0]) == ZST
+                    finished = alongside(
+                        functools.partial(self._write_whole, rec, appender, chunk[0], head),
+                        functools.partial(hasher.update, chunk[0]))
                     shared.release(chunk[1])
                 else:  # written on a worker, hashed here
                     pipe.put(chunk)
@@ -367,12 +390,30 @@ class Uploads:
                 updates["hash"] = {"algorithm": hasher.algorithm, "state": hasher.state().hex()}
             if head is not None:
                 updates["compress"] = head
-            # only a hash state can vouch for a journal entry, and only a boot id tells when
-            # one must be checked
-            journal = dict(updates) if hasher is not None and BOOT is not None else None
-            updates["backend"] = appender.finish(journal)
+            if finished is not None:
+                updates["backend"] = finished
+            else:
+                # only a hash state can vouch for a journal entry, and only a boot id tells
+                # when one must be checked
+                journal = dict(updates) if hasher is not None and BOOT is not None else None
+                updates["backend"] = appender.finish(journal)
             journaled = appender.journaled
         return updates, journaled
+
+    @staticmethod
+    def _write_whole(rec: dict, appender: Appender, data: memoryview,
+                     compress: bool | None) -> dict:
+        """Write and finish an append of one chunk while its hash is still being computed:
+        its journal entry vouches with the hash state *before* the append, which the record
+        has, and an xxh3 of the bytes; recovery checks both (see :meth:`_journaled`)."""
+        appender.write(data)
+        journal = None
+        if BOOT is not None:
+            journal = {"offset": rec["offset"] + len(data), "from": rec["offset"],
+                       "hash": rec["hash"], "tail": xxhash.xxh3_64_hexdigest(data)}
+            if compress is not None:
+                journal["compress"] = compress
+        return appender.finish(journal)
 
     def commit(self, upload_id: str, digest: str | Digest, *, last: Source | None = None,
                last_length: int | None = None, size: int | None = None,

@@ -11,7 +11,7 @@ import pytest
 
 from casengine import hashstate, ingest
 from casengine.engine import Engine
-from casengine.ingest import THREAD_AT, WritePipeline, write_while
+from casengine.ingest import THREAD_AT, WritePipeline, alongside
 from casengine.uploads import ASIDE_AT
 from tests.helpers import MIB
 
@@ -112,7 +112,7 @@ def test_workers_are_reused() -> None:
     assert ingest._workers._idle >= 1
 
 
-def test_write_while_writes_here_and_runs_the_other_job_on_a_worker() -> None:
+def test_alongside_runs_here_and_runs_the_other_job_on_a_worker() -> None:
     target = Recorder(delay=0.01)
     ran: list[str] = []
     aside_done = threading.Event()
@@ -122,19 +122,19 @@ def test_write_while_writes_here_and_runs_the_other_job_on_a_worker() -> None:
         ran.append(threading.current_thread().name)
         aside_done.set()
 
-    write_while(target, memoryview(b"chunk"), aside)
+    assert alongside(lambda: target.write(memoryview(b"chunk")) or 7, aside) == 7
     assert aside_done.is_set()
     assert target.chunks == [b"chunk"]
     assert target.threads == {threading.current_thread().name}
     assert ran == ["casengine-writer"]
 
 
-def test_write_while_raises_either_error_after_both_are_done() -> None:
+def test_alongside_raises_either_error_after_both_are_done() -> None:
     def bad_aside() -> None:
         raise ValueError("hash failed")
 
     with pytest.raises(ValueError, match="hash failed"):
-        write_while(Recorder(), memoryview(b"x"), bad_aside)
+        alongside(lambda: Recorder().write(memoryview(b"x")), bad_aside)
     finished = threading.Event()
 
     def slow_aside() -> None:
@@ -142,7 +142,7 @@ def test_write_while_raises_either_error_after_both_are_done() -> None:
         finished.set()
 
     with pytest.raises(OSError, match="No space"):
-        write_while(Recorder(fail_at=0), memoryview(b"x"), slow_aside)
+        alongside(lambda: Recorder(fail_at=0).write(memoryview(b"x")), slow_aside)
     assert finished.is_set()
 
 

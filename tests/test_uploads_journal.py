@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
+import json
 import logging
 import os
 from pathlib import Path
@@ -149,6 +151,24 @@ def test_bytes_that_never_reached_the_disk_are_not_adopted(power: PowerCut) -> N
     engine = power.cut()
     assert engine.uploads.status(upload_id).offset == 3 * CHUNK
     finish_upload(engine, upload_id, 3)
+
+
+def test_entries_of_one_chunk_and_of_several_recover_alike(power: PowerCut) -> None:
+    """An append of one chunk journals the hash state where it began and an xxh3 of its
+    bytes (it is flushed before its hash is done); a longer one, the state where it ends."""
+    data = os.urandom(CHUNK + (3 << 20) + CHUNK)
+    upload_id = power.engine.uploads.start("a/b").id
+    bounds = [0, CHUNK, CHUNK + (3 << 20), len(data)]
+    for start, end in itertools.pairwise(bounds):
+        power.engine.uploads.append(upload_id, data[start:end], start)
+    with open(power.staged(upload_id), "rb") as f:
+        entries = sorted((json.loads(p) for p in staging._find_slots(f.fileno())[1]),
+                         key=lambda e: e["state"]["seq"])
+    assert ["tail" in e["journal"] for e in entries] == [False, True]  # the last two
+    engine = power.cut()
+    assert engine.uploads.status(upload_id).offset == len(data)
+    result = engine.uploads.commit(upload_id, digest(data))
+    assert result.created and b"".join(engine.read(digest(data))) == data
 
 
 def test_a_torn_journal_entry_falls_back_to_the_one_before(power: PowerCut) -> None:
