@@ -14,7 +14,9 @@ An append is three steps:
    a resumable hasher restored from the state saved after the previous chunk. The backend
    makes the bytes durable, and with them, where it can, a *journal* of the session's new
    state (offset and hash state; the local backend writes it into the same file, so one
-   flush covers both).
+   flush covers both). An append of one chunk is written and flushed by the calling
+   thread while a worker hashes it; its journal entry therefore holds the hash state
+   where the append began and an xxh3 of its bytes, which recovery checks instead.
 3. **release**: one transaction advances the offset and saves the hash state and the
    backend's state, if the lease is still ours. Only now is the chunk acknowledged.
 
