@@ -3,6 +3,7 @@ readers racing the swap, concurrent compactors, restarts, deletes, faults and da
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -207,17 +208,25 @@ class DeleteBeforeCommit(WrappedBackend):
         assert engine.delete(digest)
 
 
-def test_a_blob_deleted_during_compression_leaves_nothing(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def deleting_engine(tmp_path: Path, wrapper: type[DeleteBeforeCommit]
+                    ) -> Iterator[tuple[Engine, DeleteBeforeCommit]]:
+    """An engine on a local root whose backend is ``wrapper``, which deletes through it."""
     inner = Engine.open(str(tmp_path / "root"))
-    backend = DeleteBeforeCommit(inner.backend)
+    backend = wrapper(inner.backend)
     engine = Engine(backend, inner.index)
     backend.engine = engine
     try:
+        yield engine, backend
+    finally:
+        inner.close()
+
+
+def test_a_blob_deleted_during_compression_leaves_nothing(tmp_path: Path) -> None:
+    with deleting_engine(tmp_path, DeleteBeforeCommit) as (engine, _):
         digest = str(engine.ingest(DATA).digest)
         assert not engine.compactor.compact(digest)
         assert not engine.exists(digest) and objects_of(engine, digest) == []
-    finally:
-        inner.close()
 
 
 class DeleteAcrossCommit(DeleteBeforeCommit):
@@ -246,18 +255,12 @@ class DeleteAcrossCommit(DeleteBeforeCommit):
 
 
 def test_a_delete_still_running_when_compression_ends_leaves_nothing(tmp_path: Path) -> None:
-    inner = Engine.open(str(tmp_path / "root"))
-    backend = DeleteAcrossCommit(inner.backend)
-    engine = Engine(backend, inner.index)
-    backend.engine = engine
-    try:
+    with deleting_engine(tmp_path, DeleteAcrossCommit) as (engine, backend):
         digest = ingest_raw(engine)
         assert not engine.compactor.compact(digest)
-        assert backend.deleter is not None
+        assert isinstance(backend, DeleteAcrossCommit) and backend.deleter is not None
         backend.deleter.join(10)
         assert not engine.exists(digest) and objects_of(engine, digest) == []
-    finally:
-        inner.close()
 
 
 class LoseDeletes(WrappedBackend):
