@@ -301,8 +301,8 @@ class _Writer(_Faulted, Writer):
 class _Appender(_Faulted, Appender):
     _inner: Appender
 
-    def expect(self, size: int) -> None:
-        self._inner.expect(size)
+    def expect(self, size: int, *, in_memory: bool = False) -> None:
+        self._inner.expect(size, in_memory=in_memory)
 
     def write(self, data: Buffer) -> None:
         self._write(data, "appending")

@@ -38,7 +38,7 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _WRITEBACK_STEP = 1 << 20
 #: A bounce buffer's size, and how many idle ones are kept for the next appends: a new
 #: buffer faults in every page, which took longer than the 1 MiB direct write itself here.
-_BOUNCE_SIZE = 1 << 20
+BOUNCE = 1 << 20
 _BOUNCE_KEEP = 8
 _bounces: list[mmap.mmap] = []
 _bounces_lock = threading.Lock()
@@ -92,7 +92,7 @@ def _bounce() -> Iterator[mmap.mmap]:
     with _bounces_lock:
         buf = _bounces.pop() if _bounces else None
     if buf is None:
-        buf = mmap.mmap(-1, _BOUNCE_SIZE)
+        buf = mmap.mmap(-1, BOUNCE)
     try:
         yield buf
     finally:

@@ -19,9 +19,9 @@ the uploaded data (the script counts what the backend reads during the commit an
 it is not zero), so it stays at milliseconds whatever the size.
 
 A local round also measures the disk (D) between A and B: each chunk written to a new file
-the way the local backend writes an append of that length, then ``fdatasync``: a plain
-``pwrite``, or for chunks of up to ``DIRECT_APPEND`` (1 MiB) an ``O_DIRECT`` write from a
-page-aligned buffer. That is what durability per append costs at least. The
+the way the local backend writes an append whose bytes the caller holds, then
+``fdatasync``: copied a MiB at a time into a page-aligned buffer and written from it with
+``O_DIRECT``. That is what durability per append costs at least. The
 ``disk`` column is D's speed as a ratio to A's, ``B/D`` the upload's speed as a ratio to D's
 (medians of the per-round ratios): where ``disk`` is below 1, the disk, not hashing, bounds
 a durable upload on this machine.
@@ -69,7 +69,7 @@ from pairs import (
     scratch,
 )
 
-from backends.local_staging import DIRECT_APPEND
+from backends.local_files import BOUNCE
 from casengine.digest import Digest
 from casengine.engine import Engine
 
@@ -182,19 +182,21 @@ def count_reads(engine: Engine) -> list[str]:
 
 def durable_writes(path: str, data: bytes, chunk: int) -> float:
     """The disk's share of a durable append: each chunk written as the local backend writes
-    an append of its length (direct for short ones), then ``fdatasync``, to a new file."""
+    an append it is handed as bytes (direct, through an aligned buffer), then
+    ``fdatasync``, to a new file."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     direct = -1
-    if chunk <= DIRECT_APPEND and chunk % mmap.PAGESIZE == 0 and hasattr(os, "O_DIRECT"):
+    if chunk % mmap.PAGESIZE == 0 and hasattr(os, "O_DIRECT"):
         with contextlib.suppress(OSError):  # tmpfs and some others have no O_DIRECT
             direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    aligned = mmap.mmap(-1, chunk) if direct >= 0 else None
+    aligned = mmap.mmap(-1, min(chunk, BOUNCE)) if direct >= 0 else None
     try:
         t0 = time.perf_counter()
         for off, piece in chunks_of(data, chunk):
             if aligned is not None and len(piece) == chunk:
-                aligned[:] = piece  # the backend's copy into its aligned buffer
-                os.pwrite(direct, aligned, off)
+                for at, part in chunks_of(piece, len(aligned)):
+                    aligned[:] = part  # the backend's copy into its aligned buffer
+                    os.pwrite(direct, aligned, off + at)
             else:
                 while piece:
                     n = os.pwrite(fd, piece, off)

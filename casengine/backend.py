@@ -130,8 +130,10 @@ class Appender(ABC):
     #: Set by :meth:`finish` when the journal it was given is durable with the bytes.
     journaled: bool = False
 
-    def expect(self, size: int) -> None:
-        """A hint, given before the first write: this append will have ``size`` bytes.
+    def expect(self, size: int, *, in_memory: bool = False) -> None:
+        """A hint, given before the first write: this append will have ``size`` bytes,
+        and with ``in_memory``, all of them come in one write, from memory the caller
+        already holds (so the write is bounded by the backend, not by the bytes' arrival).
         A backend may choose how it writes by it; nothing else depends on it."""
 
     @abstractmethod

@@ -14,9 +14,11 @@ An append is three steps:
    a resumable hasher restored from the state saved after the previous chunk. The backend
    makes the bytes durable, and with them, where it can, a *journal* of the session's new
    state (offset and hash state; the local backend writes it into the same file, so one
-   flush covers both). An append of one chunk is written and flushed by the calling
-   thread while a worker hashes it; its journal entry therefore holds the hash state
-   where the append began and an xxh3 of its bytes, which recovery checks instead.
+   flush covers both). An append whose bytes are in hand at once (a bytes-like source, or
+   a streamed one of a single chunk) is written by the calling thread while a worker
+   hashes it. Up to :data:`FLUSH_ASIDE_MAX` it is also flushed meanwhile; its journal
+   entry then holds the hash state where the append began and an xxh3 of its bytes, which
+   recovery checks instead.
 3. **release**: one transaction advances the offset and saves the hash state and the
    backend's state, if the lease is still ours. Only now is the chunk acknowledged.
 
@@ -93,6 +95,10 @@ APPEND_CHUNK = 1 << 20
 #: An append of one chunk at least this long hashes on a worker while it is written: for
 #: less, waking the worker costs about what the overlap saves.
 ASIDE_AT = 256 << 10
+#: Such an append up to this long flushes while it is still being hashed, vouched for by
+#: an xxh3 of its bytes; a longer one's hash is done by the time its write is, so it
+#: journals its end state instead, as a pipelined append does, and skips the xxh3.
+FLUSH_ASIDE_MAX = 1 << 20
 #: A journaled release is still made durable when the offset crosses a multiple of this,
 #: so recovery after a power cut re-hashes at most about this much of a session.
 RECOVERY_SPAN = 1 << 30
@@ -351,12 +357,16 @@ class Uploads:
         n = 0
         head: bool | None = None
         finished: dict | None = None  #: the backend's state, where the append finished early
-        size = length if length is not None else _buffer_size(source)
-        with (open_source(source, pool, APPEND_CHUNK) as chunks,
+        held = _buffer_size(source)
+        size = length if length is not None else held
+        # bytes the caller already holds arrive at memory speed: written in one go while a
+        # worker hashes them, so the append takes as long as the slower of disk and hash
+        in_memory = hasher is not None and held == size and size is not None and size >= ASIDE_AT
+        with (open_source(source, pool, size if in_memory else APPEND_CHUNK) as chunks,
               backend.append(upload_key(rec["id"]), rec["backend"], rec["offset"]) as appender,
               WritePipeline(appender, shared.release, size) as pipe):
             if size is not None:
-                appender.expect(size)
+                appender.expect(size, in_memory=in_memory)
             for chunk in chunks:
                 n += len(chunk[0])
                 if length is not None and n > length:
@@ -365,15 +375,19 @@ class Uploads:
                 # long as the slower of the two, not their sum
                 shared.hold(chunk[1])
                 if hasher is not None and n == size == len(chunk[0]) >= ASIDE_AT:
-                    # the whole append in one chunk: written and flushed here, hashed on a
-                    # worker meanwhile
+                    # the whole append in one chunk: written (and, if short, flushed) here,
+                    # hashed on a worker meanwhile
                     if (extra := next(chunks, None)) is not None:
                         raise SizeMismatch(size, n + len(extra[0]))
                     if rec["offset"] == 0:
                         head = self.engine.compression.choose(chunk[0]) == ZST
-                    finished = alongside(
-                        functools.partial(self._write_whole, rec, appender, chunk[0], head),
-                        functools.partial(hasher.update, chunk[0]))
+                    hash_it = functools.partial(hasher.update, chunk[0])
+                    if n <= FLUSH_ASIDE_MAX:
+                        finished = alongside(
+                            functools.partial(self._write_whole, rec, appender, chunk[0], head),
+                            hash_it)
+                    else:
+                        alongside(functools.partial(appender.write, chunk[0]), hash_it)
                     shared.release(chunk[1])
                 else:  # written on a worker, hashed here
                     pipe.put(chunk)

@@ -157,12 +157,15 @@ def test_an_append_in_one_chunk_is_hashed_aside_and_written_by_the_caller(
 
     monkeypatch.setattr(hashstate.ResumableHash, "update", update)
     here = threading.current_thread().name
-    data = os.urandom(ASIDE_AT + 3 * MIB)
+    data = os.urandom(ASIDE_AT + 6 * MIB)
+    held, streamed = ASIDE_AT + 4096, ASIDE_AT + 3 * MIB
     with Engine.open(str(tmp_path / "root")) as engine:
         upload = engine.uploads.start()
         engine.uploads.append(upload.id, data[:ASIDE_AT], 0)  # one chunk: hashed aside
-        engine.uploads.append(upload.id, data[ASIDE_AT:ASIDE_AT + 4096], ASIDE_AT)  # short
-        engine.uploads.append(upload.id, data[ASIDE_AT + 4096:], ASIDE_AT + 4096)  # 3 chunks
+        engine.uploads.append(upload.id, data[ASIDE_AT:held], ASIDE_AT)  # short
+        engine.uploads.append(upload.id, data[held:streamed], held)  # held: one call, aside
+        chunks = iter([data[at:at + MIB] for at in range(streamed, len(data), MIB)])
+        engine.uploads.append(upload.id, chunks, streamed)  # streamed: pipelined, 3 chunks
         result = engine.uploads.commit(upload.id, "sha256:" + hashlib.sha256(data).hexdigest())
     assert result.size == len(data)
-    assert hashed_in == ["casengine-writer", here, here, here, here]
+    assert hashed_in == ["casengine-writer", here, "casengine-writer", here, here, here]

@@ -79,15 +79,18 @@ def test_bounced_pages_skip_the_page_cache(tmp_path: Path) -> None:
             assert all(pages)
 
 
-def test_short_appends_write_direct_and_long_ones_through_the_cache(tmp_path: Path) -> None:
+def test_short_or_held_appends_write_direct_and_long_streams_through_the_cache(
+        tmp_path: Path) -> None:
     if not direct_io_works(tmp_path):
         pytest.skip(f"the file system of {tmp_path} has no O_DIRECT")
     short, long = 1 << 20, 4 << 20
+    streamed = iter([os.urandom(1 << 20) for _ in range(long >> 20)])  # as an HTTP body comes
     with Engine.open(str(tmp_path / "root")) as engine:
         upload = engine.uploads.start()
         engine.uploads.append(upload.id, os.urandom(short), 0)
         engine.uploads.append(upload.id, os.urandom(long), short)
+        engine.uploads.append(upload.id, streamed, short + long, length=long)
         staged = next((tmp_path / "root").rglob("data"))
         pages = resident(staged)
-        assert not any(pages[:short // PAGE])
-        assert all(pages[short // PAGE:(short + long) // PAGE])
+        assert not any(pages[:(short + long) // PAGE])
+        assert all(pages[(short + long) // PAGE:(short + 2 * long) // PAGE])
