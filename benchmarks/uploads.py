@@ -338,9 +338,9 @@ def table(results: list[Result], info: dict[str, object], size: int, rounds: int
     lines += ["", ("A = hashlib.sha256 over the same bytes; ratio = median of per-pair (A time /"
                    " B time); B includes the commit, made in a new engine (restart) and reading"
                    " nothing back"),
-              ("disk = each chunk written as the backend writes an append of its length (direct"
-               " up to 1 MiB) + fdatasync (D), same rounds, as a ratio to A; B/D = the upload"
-               " as a ratio to D; MB = 10^6 bytes")]
+              ("disk = each chunk copied through an aligned buffer and written with O_DIRECT, as"
+               " the backend writes an append handed over as bytes, + fdatasync (D), same"
+               " rounds, as a ratio to A; B/D = the upload as a ratio to D; MB = 10^6 bytes")]
     return "\n".join(lines)
 
 
