@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -329,6 +330,40 @@ def test_kill_9_mid_append_then_resume(durable: Store, delay: float) -> None:
         e.uploads.append(s.id, DATA[4096:], 4096)
         assert e.uploads.commit(s.id, DIGEST).created
         assert e.read_bytes(DIGEST) == DATA
+        _nothing_staged(e)
+
+
+HELD_APPENDS = """
+    import json, random, sys
+    from casengine import Engine
+    store, upload_id, size, step = sys.argv[1:5]
+    spec = json.loads(store)
+    data = random.Random(7).randbytes(int(size))
+    with Engine.open(spec["url"], index=spec["index"], **spec["options"]) as e:
+        for off in range(0, len(data), int(step)):
+            print(e.uploads.append(upload_id, data[off:off + int(step)], off).offset, flush=True)
+"""
+
+
+def test_kill_9_among_appends_of_bytes_in_hand(durable: Store, tmp_path: Path) -> None:
+    """Appends handed over as bytes (written direct while a worker hashes them): a kill at
+    any moment keeps every acknowledged one and no part of the one in flight."""
+    step, size = 4 << 20, 48 << 20
+    data = random.Random(7).randbytes(size)
+    with durable.open() as e:
+        upload_id = e.uploads.start().id
+    p = _python(HELD_APPENDS, durable.json(), upload_id, str(size), str(step))
+    assert p.stdout is not None
+    acked = [int(p.stdout.readline()) for _ in range(3)]
+    p.send_signal(signal.SIGKILL)
+    p.wait(30)
+    with durable.open() as e:
+        offset = e.uploads.status(upload_id).offset
+        assert offset % step == 0 and offset >= acked[-1]
+        for off in range(offset, size, step):
+            e.uploads.append(upload_id, data[off:off + step], off)
+        result = e.uploads.commit(upload_id, "sha256:" + hashlib.sha256(data).hexdigest())
+        assert result.created and e.read_bytes(result.digest) == data
         _nothing_staged(e)
 
 
