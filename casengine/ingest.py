@@ -13,9 +13,11 @@ buffer goes back to the pool only once it has been written.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -212,7 +214,71 @@ _workers = _Workers()
 T = TypeVar("T")
 
 
-def alongside(here: Callable[[], T], aside: Callable[[], None]) -> T:
+def _libc_sched_getcpu() -> Callable[[], int] | None:
+    if not sys.platform.startswith("linux") or not hasattr(os, "sched_setaffinity"):
+        return None
+    try:
+        fn = ctypes.CDLL(None).sched_getcpu
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sched_getcpu = _libc_sched_getcpu()
+
+
+class _Apart:
+    """Keeps the two halves of :func:`alongside` on different CPUs while they run.
+
+    Left to the scheduler, a thread writing 8 MiB direct a MiB at a time and a thread
+    hashing the same bytes often ended up waiting for each other's CPU: the writes took
+    8.3-11.4 ms against 5.6-7.1 ms with no hash beside them. Kept apart (the caller on the
+    CPU it is on, the worker on the others), they took as long as alone. Each thread gets
+    its own mask back afterwards; with one CPU allowed, or off Linux, nothing is pinned.
+    """
+
+    def __init__(self, mask: set[int], cpu: int) -> None:
+        self.mask = mask
+        self.cpu = cpu
+
+    @classmethod
+    def begin(cls) -> _Apart | None:
+        """For the calling thread, or None where there is one CPU or no way to choose."""
+        if _sched_getcpu is None:
+            return None
+        mask = os.sched_getaffinity(0)
+        cpu = _sched_getcpu()
+        if len(mask) < 2 or cpu not in mask:
+            return None
+        return cls(mask, cpu)
+
+    @contextlib.contextmanager
+    def caller(self) -> Iterator[None]:
+        with _pinned({self.cpu}, self.mask):
+            yield
+
+    @contextlib.contextmanager
+    def worker(self) -> Iterator[None]:
+        with _pinned(self.mask - {self.cpu}, os.sched_getaffinity(0)):
+            yield
+
+
+@contextlib.contextmanager
+def _pinned(cpus: set[int], back: set[int]) -> Iterator[None]:
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError:  # a cpuset changed under us: run where we are allowed
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, back)
+
+
+def alongside(here: Callable[[], T], aside: Callable[[], None], *, apart: bool = False) -> T:
     """Run ``here`` in this thread while a worker runs ``aside``; return ``here``'s result
     once both are done (an error of either is raised then).
 
@@ -221,13 +287,18 @@ def alongside(here: Callable[[], T], aside: Callable[[], None]) -> T:
     starts the write at once, and the worker hashes. A worker woken to write instead may
     have to wait until this thread's hashing is done, when the scheduler has put both on
     the same busy CPU; woken to hash, it gets the CPU whenever the write waits.
+
+    ``apart`` keeps the two on different CPUs while they run (see :class:`_Apart`): for a
+    write long enough that the disk's completions wake this thread many times.
     """
     done = threading.Event()
     error: list[BaseException] = []
+    placed = _Apart.begin() if apart else None
 
     def run() -> None:
         try:
-            aside()
+            with placed.worker() if placed else contextlib.nullcontext():
+                aside()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             error.append(exc)
         finally:
@@ -235,7 +306,8 @@ def alongside(here: Callable[[], T], aside: Callable[[], None]) -> T:
 
     _workers.run(run)
     try:
-        result = here()
+        with placed.caller() if placed else contextlib.nullcontext():
+            result = here()
     finally:
         done.wait()  # the worker may read the caller's buffers: it must be done first
     if error:

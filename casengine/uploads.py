@@ -387,7 +387,8 @@ class Uploads:
                             functools.partial(self._write_whole, rec, appender, chunk[0], head),
                             hash_it)
                     else:
-                        alongside(functools.partial(appender.write, chunk[0]), hash_it)
+                        alongside(functools.partial(appender.write, chunk[0]), hash_it,
+                                  apart=True)
                     shared.release(chunk[1])
                 else:  # written on a worker, hashed here
                     pipe.put(chunk)

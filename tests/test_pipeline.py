@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from backends.local_staging import LocalAppender
 from casengine import hashstate, ingest
 from casengine.engine import Engine
 from casengine.ingest import THREAD_AT, WritePipeline, alongside
@@ -144,6 +145,70 @@ def test_alongside_raises_either_error_after_both_are_done() -> None:
     with pytest.raises(OSError, match="No space"):
         alongside(lambda: Recorder(fail_at=0).write(memoryview(b"x")), slow_aside)
     assert finished.is_set()
+
+
+two_cpus = pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2
+    or ingest._sched_getcpu is None, reason="needs Linux and two CPUs to choose from")
+
+
+@two_cpus
+def test_alongside_apart_runs_the_two_jobs_on_different_cpus_and_restores_masks() -> None:
+    here_mask = os.sched_getaffinity(0)
+    seen: dict[str, set[int]] = {}
+
+    def job(name: str) -> None:
+        seen[name] = os.sched_getaffinity(0)
+        time.sleep(0.01)  # both run at once
+
+    alongside(lambda: job("here"), lambda: job("aside"), apart=True)
+    assert len(seen["here"]) == 1
+    assert seen["aside"] and not seen["aside"] & seen["here"]
+    assert seen["here"] | seen["aside"] == here_mask
+    assert os.sched_getaffinity(0) == here_mask
+    # the worker got its mask back too: without apart, it may run anywhere again
+    alongside(lambda: None, lambda: job("after"))
+    assert seen["after"] == here_mask
+
+
+@two_cpus
+def test_alongside_apart_restores_masks_when_a_job_fails() -> None:
+    here_mask = os.sched_getaffinity(0)
+    seen: list[set[int]] = []
+
+    def bad() -> None:
+        raise ValueError("write failed")
+
+    with pytest.raises(ValueError, match="write failed"):
+        alongside(bad, lambda: time.sleep(0.01), apart=True)
+    assert os.sched_getaffinity(0) == here_mask
+    alongside(lambda: None, lambda: seen.append(os.sched_getaffinity(0)))
+    assert seen == [here_mask]
+
+
+@two_cpus
+def test_a_held_append_over_a_mib_hashes_on_another_cpu_than_it_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    masks: dict[str, set[int]] = {}
+    real_update = hashstate.ResumableHash.update
+
+    def update(self: hashstate.ResumableHash, data: memoryview) -> None:
+        masks["hash"] = os.sched_getaffinity(0)
+        real_update(self, data)
+
+    def write(self: LocalAppender, chunk: memoryview) -> None:
+        masks["write"] = os.sched_getaffinity(0)
+        real_write(self, chunk)
+
+    real_write = LocalAppender.write
+    monkeypatch.setattr(hashstate.ResumableHash, "update", update)
+    monkeypatch.setattr(LocalAppender, "write", write)
+    data = os.urandom(4 * MIB)
+    with Engine.open(str(tmp_path / "root")) as engine:
+        upload = engine.uploads.start()
+        engine.uploads.append(upload.id, data, 0)
+        engine.uploads.commit(upload.id, "sha256:" + hashlib.sha256(data).hexdigest())
+    assert len(masks["write"]) == 1 and not masks["write"] & masks["hash"]
 
 
 def test_an_append_in_one_chunk_is_hashed_aside_and_written_by_the_caller(
