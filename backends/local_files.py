@@ -6,9 +6,9 @@ one, and the page cache is neither copied into nor flooded. Other writes go thro
 page cache, with writeback started after every MiB (``sync_file_range`` on Linux), so the
 final fsync only has the tail left to flush.
 
-A sink told to write ``bounced`` copies other chunks into a reused page-aligned buffer and
-writes that with ``O_DIRECT`` too; only the partial pages at either end of a chunk go
-through the page cache. That is for short appends that are flushed each on its own: on
+A sink told to write ``bounced`` copies other chunks into a reused aligned buffer of huge
+pages (:class:`AlignedBuffer`), 2 MiB at a time, and writes that with ``O_DIRECT`` too;
+only the partial pages at either end of a chunk go through the page cache. That is for short appends that are flushed each on its own: on
 ext4 the flush after a direct write costs less than after writeback of the same bytes, and
 no page-cache pages have to be found for them (measured in ``benchmarks/uploads.py``).
 Longer writes keep the page cache, where writeback keeps more of the disk busy than one
@@ -38,10 +38,12 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _WRITEBACK_STEP = 1 << 20
 #: A bounce buffer's size, and how many idle ones are kept for the next appends: a new
 #: buffer faults in every page, which took longer than the 1 MiB direct write itself here.
-BOUNCE = 1 << 20
+BOUNCE = 2 << 20
 _BOUNCE_KEEP = 8
-_bounces: list[mmap.mmap] = []
-_bounces_lock = threading.Lock()
+#: Aligned buffers are made of huge pages of this size where the kernel gives them.
+_HUGE = 2 << 20
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
+_PRIVATE = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
 
 
 def linux_call(name: str, *argtypes: type) -> Any:
@@ -87,14 +89,46 @@ def _open_direct(path: str) -> int | None:
         return None
 
 
+class AlignedBuffer:
+    """``size`` writable bytes at a page-aligned address (``view``), for direct writes.
+
+    Made of huge pages where the kernel gives them to anonymous memory (transparent huge
+    pages, ``madvise`` mode or ``always``): a direct write from physically contiguous memory
+    is one request to the disk. From 4 KiB pages a 1 MiB write is 256 segments, more than
+    the 254 a virtio disk takes per request, so it went out as two: 0.71 against 0.55 ms
+    per MiB on this VM, and 8 MiB in 2 MiB writes took 5.3 against 3.5 ms. Elsewhere the
+    buffer is plain pages, which work the same, only slower.
+    """
+
+    def __init__(self, size: int) -> None:
+        if _MADV_HUGEPAGE is None or not _PRIVATE:
+            self._map = mmap.mmap(-1, size)
+            self.view = memoryview(self._map)
+            return
+        span = -(-size // _HUGE) * _HUGE  # whole huge pages, at a huge page's address
+        self._map = mmap.mmap(-1, span + _HUGE, flags=_PRIVATE)
+        start = -ctypes.addressof(ctypes.c_char.from_buffer(self._map)) % _HUGE
+        with contextlib.suppress(OSError):  # no huge pages: plain ones then
+            self._map.madvise(_MADV_HUGEPAGE, start, span)
+        self.view = memoryview(self._map)[start:start + size]
+
+    def close(self) -> None:
+        self.view.release()
+        self._map.close()
+
+
+_bounces: list[AlignedBuffer] = []
+_bounces_lock = threading.Lock()
+
+
 @contextlib.contextmanager
-def _bounce() -> Iterator[mmap.mmap]:
+def _bounce() -> Iterator[memoryview]:
     with _bounces_lock:
         buf = _bounces.pop() if _bounces else None
     if buf is None:
-        buf = mmap.mmap(-1, BOUNCE)
+        buf = AlignedBuffer(BOUNCE)
     try:
-        yield buf
+        yield buf.view
     finally:
         with _bounces_lock:
             if len(_bounces) < _BOUNCE_KEEP:
@@ -162,7 +196,7 @@ class FileSink:
                 for at in range(head, head + whole, len(buf)):
                     part = view[at:min(at + len(buf), head + whole)]
                     buf[:len(part)] = part
-                    self._write_direct(memoryview(buf)[:len(part)])
+                    self._write_direct(buf[:len(part)])
         if head + whole < len(view):
             self._write_buffered(view[head + whole:])
 

@@ -20,8 +20,8 @@ it is not zero), so it stays at milliseconds whatever the size.
 
 A local round also measures the disk (D) between A and B: each chunk written to a new file
 the way the local backend writes an append whose bytes the caller holds, then
-``fdatasync``: copied a MiB at a time into a page-aligned buffer and written from it with
-``O_DIRECT``. That is what durability per append costs at least. The
+``fdatasync``: copied 2 MiB at a time into the backend's aligned buffer (huge pages, where
+the kernel gives them) and written from it with ``O_DIRECT``. That is what durability per append costs at least. The
 ``disk`` column is D's speed as a ratio to A's, ``B/D`` the upload's speed as a ratio to D's
 (medians of the per-round ratios): where ``disk`` is below 1, the disk, not hashing, bounds
 a durable upload on this machine.
@@ -69,7 +69,7 @@ from pairs import (
     scratch,
 )
 
-from backends.local_files import BOUNCE
+from backends.local_files import BOUNCE, AlignedBuffer
 from casengine.digest import Digest
 from casengine.engine import Engine
 
@@ -189,12 +189,13 @@ def durable_writes(path: str, data: bytes, chunk: int) -> float:
     if chunk % mmap.PAGESIZE == 0 and hasattr(os, "O_DIRECT"):
         with contextlib.suppress(OSError):  # tmpfs and some others have no O_DIRECT
             direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    aligned = mmap.mmap(-1, min(chunk, BOUNCE)) if direct >= 0 else None
+    bounce = AlignedBuffer(BOUNCE) if direct >= 0 else None
     try:
         t0 = time.perf_counter()
         for off, piece in chunks_of(data, chunk):
-            if aligned is not None and len(piece) == chunk:
-                for at, part in chunks_of(piece, len(aligned)):
+            if bounce is not None and len(piece) == chunk:
+                for at, part in chunks_of(piece, BOUNCE):
+                    aligned = bounce.view[:len(part)]
                     aligned[:] = part  # the backend's copy into its aligned buffer
                     os.pwrite(direct, aligned, off + at)
             else:
@@ -204,6 +205,8 @@ def durable_writes(path: str, data: bytes, chunk: int) -> float:
             os.fdatasync(fd)
         return time.perf_counter() - t0
     finally:
+        if bounce is not None:
+            bounce.close()
         if direct >= 0:
             os.close(direct)
         os.close(fd)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.local_files import FileSink
+from backends.local_files import BOUNCE, AlignedBuffer, FileSink
 from casengine.engine import Engine
 
 PAGE = mmap.PAGESIZE
@@ -94,3 +94,69 @@ def test_short_or_held_appends_write_direct_and_long_streams_through_the_cache(
         pages = resident(staged)
         assert not any(pages[:(short + long) // PAGE])
         assert all(pages[(short + long) // PAGE:(short + 2 * long) // PAGE])
+
+
+def thp_mode() -> str | None:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text.split("[")[1].split("]")[0]
+
+
+def huge_kib_at(addr: int) -> int:
+    """AnonHugePages of this process's mapping that holds ``addr``."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            if lo <= addr < hi:
+                for field in lines[i + 1:]:
+                    if field.startswith("AnonHugePages:"):
+                        return int(field.split()[1])
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+@pytest.mark.skipif(thp_mode() not in ("madvise", "always") or not hasattr(mmap, "MADV_HUGEPAGE"),
+                    reason="the kernel gives no transparent huge pages here")
+@pytest.mark.parametrize("size", [BOUNCE, 1 << 20, 3 << 20])
+def test_aligned_buffers_are_huge_pages(size: int) -> None:
+    buf = AlignedBuffer(size)
+    try:
+        assert len(buf.view) == size and not buf.view.readonly
+        buf.view[:] = b"\x5a" * size  # the pages exist once touched
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf.view))
+        assert addr % (2 << 20) == 0
+        # one huge page per 2 MiB started, so a direct write from it is one disk request
+        assert huge_kib_at(addr) >= -(-size // (2 << 20)) * 2048
+        assert bytes(buf.view[-4:]) == b"\x5a" * 4
+    finally:
+        buf.close()
+
+
+def test_bounced_writes_come_from_one_aligned_buffer_of_bounce_size(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long held append is written BOUNCE bytes per direct write, from huge pages."""
+    if not direct_io_works(tmp_path):
+        pytest.skip("no O_DIRECT on this file system")
+    writes: list[tuple[int, int]] = []
+    real = FileSink._pwrite
+
+    def spy(self: FileSink, fd: int, view: memoryview) -> None:
+        if fd == self._direct:
+            writes.append((len(view), ctypes.addressof(ctypes.c_char.from_buffer(view))))
+        real(self, fd, view)
+
+    data = os.urandom(3 * BOUNCE + 3 * PAGE)
+    path = tmp_path / "f"
+    monkeypatch.setattr(FileSink, "_pwrite", spy)
+    sink = FileSink(str(path), 0, create=True)
+    sink.bounced = True
+    try:
+        sink.write(memoryview(data))
+    finally:
+        sink.close()
+    assert [n for n, _ in writes] == [BOUNCE, BOUNCE, BOUNCE, 3 * PAGE]
+    assert all(addr % PAGE == 0 for _, addr in writes)
+    assert path.read_bytes() == data
