@@ -21,10 +21,10 @@ it is not zero), so it stays at milliseconds whatever the size.
 A local round also measures the disk (D) between A and B: each chunk written to a new file
 the way the local backend writes an append whose bytes the caller holds, then
 ``fdatasync``: copied 2 MiB at a time into the backend's aligned buffer (huge pages, where
-the kernel gives them) and written from it with ``O_DIRECT``. That is what durability per append costs at least. The
-``disk`` column is D's speed as a ratio to A's, ``B/D`` the upload's speed as a ratio to D's
-(medians of the per-round ratios): where ``disk`` is below 1, the disk, not hashing, bounds
-a durable upload on this machine.
+the kernel gives them) and written from it with ``O_DIRECT``. That is what durability per
+append costs at least. The ``disk`` column is D's speed as a ratio to A's, ``B/D`` the
+upload's speed as a ratio to D's (medians of the per-round ratios): where ``disk`` is below
+1, the disk, not hashing, bounds a durable upload on this machine.
 
 Cases (``--cases``, comma separated; default: all):
 
@@ -195,9 +195,8 @@ def durable_writes(path: str, data: bytes, chunk: int) -> float:
         for off, piece in chunks_of(data, chunk):
             if bounce is not None and len(piece) == chunk:
                 for at, part in chunks_of(piece, BOUNCE):
-                    aligned = bounce.view[:len(part)]
-                    aligned[:] = part  # the backend's copy into its aligned buffer
-                    os.pwrite(direct, aligned, off + at)
+                    bounce.view[:len(part)] = part  # the backend's copy into its buffer
+                    os.pwrite(direct, bounce.view[:len(part)], off + at)
             else:
                 while piece:
                     n = os.pwrite(fd, piece, off)
