@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -153,23 +154,74 @@ def test_bytes_that_never_reached_the_disk_are_not_adopted(power: PowerCut) -> N
     finish_upload(engine, upload_id, 3)
 
 
-def test_entries_of_one_chunk_and_of_several_recover_alike(power: PowerCut) -> None:
+def journal_kinds(power: PowerCut, upload_id: str) -> list[bool]:
+    """Whether each of the two newest entries vouches with an xxh3 of its bytes."""
+    with open(power.staged(upload_id), "rb") as f:
+        entries = sorted((json.loads(p) for p in staging._find_slots(f.fileno())[1]),
+                         key=lambda e: e["state"]["seq"])
+    return ["tail" in e["journal"] for e in entries]
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["hash-first", "write-first"])
+def test_entries_of_one_chunk_and_of_several_recover_alike(
+        power: PowerCut, monkeypatch: pytest.MonkeyPatch, ahead: bool) -> None:
     """An append of one chunk journals the hash state where it began and an xxh3 of its
-    bytes (it is flushed before its hash is done); a longer one, the state where it ends."""
+    bytes (it is flushed before its hash is done); a longer one does too if its write
+    ends well before its hash, else it journals the state where it ends."""
+    monkeypatch.setattr(uploads._HashAside, "nearly_done", lambda self: not ahead)
     data = os.urandom(CHUNK + (3 << 20) + CHUNK)
     upload_id = power.engine.uploads.start("a/b").id
     bounds = [0, CHUNK, CHUNK + (3 << 20), len(data)]
     for start, end in itertools.pairwise(bounds):
         power.engine.uploads.append(upload_id, data[start:end], start)
-    with open(power.staged(upload_id), "rb") as f:
-        entries = sorted((json.loads(p) for p in staging._find_slots(f.fileno())[1]),
-                         key=lambda e: e["state"]["seq"])
-    assert ["tail" in e["journal"] for e in entries] == [False, True]  # the last two
+    assert journal_kinds(power, upload_id) == [ahead, True]  # the last two
     engine = power.cut()
     assert engine.uploads.status(upload_id).offset == len(data)
     result = engine.uploads.commit(upload_id, digest(data))
     assert result.created and b"".join(engine.read(digest(data))) == data
 
+
+
+def test_a_long_append_flushes_ahead_of_a_slow_hash_not_of_a_slow_write(
+        power: PowerCut, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(6 << 20)
+    real_update = uploads.hashstate.ResumableHash.update
+    real_write = staging.LocalAppender.write
+    monkeypatch.setattr(uploads._HashAside, "rate", 0.0)  # no pace known: only "done" counts
+
+    def slow_hash(self: Any, chunk: memoryview) -> None:
+        time.sleep(0.2)
+        real_update(self, chunk)
+
+    def slow_write(self: Any, chunk: memoryview) -> None:
+        time.sleep(0.2)
+        real_write(self, chunk)
+
+    upload_id = power.engine.uploads.start("a/b").id
+    with monkeypatch.context() as m:
+        m.setattr(uploads.hashstate.ResumableHash, "update", slow_hash)
+        power.engine.uploads.append(upload_id, data[:3 << 20], 0)
+    with monkeypatch.context() as m:
+        m.setattr(staging.LocalAppender, "write", slow_write)
+        power.engine.uploads.append(upload_id, data[3 << 20:], 3 << 20)
+    assert journal_kinds(power, upload_id) == [True, False]
+    engine = power.cut()
+    assert engine.uploads.status(upload_id).offset == len(data)
+    assert engine.uploads.commit(upload_id, digest(data)).created
+
+
+def test_nearly_done_follows_the_last_pace(monkeypatch: pytest.MonkeyPatch) -> None:
+    hashing = uploads._HashAside(uploads.hashstate.ResumableHash(), memoryview(bytes(1000)))
+    monkeypatch.setattr(uploads._HashAside, "rate", 1000.0)  # this hash takes 1 s
+    assert not hashing.nearly_done()  # not started: all of it to go
+    now = time.perf_counter()
+    hashing.started = now - 0.5
+    assert not hashing.nearly_done()
+    hashing.started = now - (1 - uploads.FLUSH_AHEAD_SHARE / 2)
+    assert hashing.nearly_done()
+    hashing.started = now - 0.5
+    hashing.done = True
+    assert hashing.nearly_done()
 
 def test_a_torn_journal_entry_falls_back_to_the_one_before(power: PowerCut) -> None:
     upload_id = power.engine.uploads.start("a/b").id
