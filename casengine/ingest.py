@@ -23,6 +23,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, Protocol, Self, TypeVar
 
+import xxhash
+
+from casengine import hashstate
 from casengine.backend import Buffer
 from casengine.errors import InvalidInput
 
@@ -313,6 +316,67 @@ def alongside(here: Callable[[], T], aside: Callable[[], None], *, apart: bool =
     if error:
         raise error[0]
     return result
+
+
+class HashAside:
+    """An append's hash, run on a worker (``alongside``) while the caller writes its bytes:
+    whether it is nearly done, and the xxh3 that vouches for the bytes in a journal entry
+    written before the hash is done.
+
+    Where the disk is faster than hashing, a long append's write ends first; flushing it
+    then, vouched for by an xxh3, leaves only the release after the hash: 5.75 against
+    5.91 ms and 6.12 against 6.16 ms per 8 MiB append, alternating within the same uploads,
+    and up to 5 % less where hashing was the bound throughout. Where the disk is slower,
+    the hash is done first and the append journals its end state: an xxh3 would only add
+    to the write.
+
+    A short append always flushes before its hash is done; its xxh3 is taken by the worker,
+    before the sha256, while the caller writes: 0.97-1.08 against 1.00-1.13 ms per 1 MiB
+    append in three runs, alternating within the same uploads.
+    """
+
+    #: bytes per second of the last hash in this process: sha256 keeps a steady pace
+    rate = 0.0
+
+    def __init__(self, hasher: hashstate.ResumableHash, data: memoryview, *,
+                 tail: bool = False) -> None:
+        """``tail``: take the xxh3 of ``data`` on the worker, first."""
+        self.hasher = hasher
+        self.data = data
+        self.started = 0.0
+        self.done = False
+        self._tail: str | None = None
+        self._tailed = threading.Event() if tail else None
+
+    def tail(self) -> str:
+        """The xxh3 of the bytes: the worker's where it took one, else taken here."""
+        if self._tailed is not None:
+            self._tailed.wait()
+        if self._tail is None:  # not asked for, or the worker failed (alongside raises it)
+            return xxhash.xxh3_64_hexdigest(self.data)
+        return self._tail
+
+    def __call__(self) -> None:
+        if self._tailed is not None:
+            try:
+                self._tail = xxhash.xxh3_64_hexdigest(self.data)
+            finally:
+                self._tailed.set()
+        self.started = time.perf_counter()
+        self.hasher.update(self.data)
+        took = time.perf_counter() - self.started
+        if took > 0:
+            HashAside.rate = len(self.data) / took
+        self.done = True
+
+    def nearly_done(self, share: float) -> bool:
+        """Done, or (by the pace of the last hash) with at most ``share`` of it to go."""
+        if self.done:
+            return True
+        if not self.rate or not self.started:
+            return False
+        total = len(self.data) / self.rate
+        return self.started + total - time.perf_counter() < share * total
 
 
 class WritePipeline:

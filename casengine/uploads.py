@@ -71,6 +71,7 @@ from casengine.errors import (
 from casengine.ingest import (
     POOL,
     BufferPool,
+    HashAside,
     Source,
     WritePipeline,
     alongside,
@@ -97,7 +98,7 @@ APPEND_CHUNK = 1 << 20
 ASIDE_AT = 256 << 10
 #: Such an append up to this long flushes while it is still being hashed, vouched for by
 #: an xxh3 of its bytes. A longer one does so only when its write ends well before its
-#: hash (see :class:`_HashAside`); else it journals its end state once hashed, as a
+#: hash (see :class:`HashAside`); else it journals its end state once hashed, as a
 #: pipelined append does, and skips the xxh3.
 FLUSH_ASIDE_MAX = 1 << 20
 #: "Well before": more than this share of the hash still to go. The xxh3 costs about 4-8 %
@@ -126,44 +127,6 @@ def _buffer_size(source: Source) -> int | None:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return memoryview(source).nbytes
     return None
-
-
-class _HashAside:
-    """An append's hash, run on a worker (``alongside``) while the caller writes its bytes,
-    and whether it is nearly done.
-
-    Where the disk is faster than hashing, a long append's write ends first; flushing it
-    then, vouched for by an xxh3, leaves only the release after the hash: 5.75 against
-    5.91 ms and 6.12 against 6.16 ms per 8 MiB append, alternating within the same uploads,
-    and up to 5 % less where hashing was the bound throughout. Where the disk is slower, the hash is done first and
-    the append journals its end state: an xxh3 would only add to the write.
-    """
-
-    #: bytes per second of the last hash in this process: sha256 keeps a steady pace
-    rate = 0.0
-
-    def __init__(self, hasher: hashstate.ResumableHash, data: memoryview) -> None:
-        self.hasher = hasher
-        self.data = data
-        self.started = 0.0
-        self.done = False
-
-    def __call__(self) -> None:
-        self.started = time.perf_counter()
-        self.hasher.update(self.data)
-        took = time.perf_counter() - self.started
-        if took > 0:
-            _HashAside.rate = len(self.data) / took
-        self.done = True
-
-    def nearly_done(self) -> bool:
-        """Done, or (by the last rate) with at most FLUSH_AHEAD_SHARE of it to go."""
-        if self.done:
-            return True
-        if not self.rate or not self.started:
-            return False
-        total = len(self.data) / self.rate
-        return self.started + total - time.perf_counter() < FLUSH_AHEAD_SHARE * total
 
 
 class _Stale(Exception):
@@ -423,11 +386,11 @@ class Uploads:
                         raise SizeMismatch(size, n + len(extra[0]))
                     if rec["offset"] == 0:
                         head = self.engine.compression.choose(chunk[0]) == ZST
-                    hashing = _HashAside(hasher, chunk[0])
                     long = n > FLUSH_ASIDE_MAX
+                    hashing = HashAside(hasher, chunk[0], tail=not long)
                     finished = alongside(
-                        functools.partial(self._write_whole, rec, appender, chunk[0], head,
-                                          hashing if long else None),
+                        functools.partial(self._write_whole, rec, appender, hashing, head,
+                                          unless_nearly_done=long),
                         hashing, apart=long)
                     shared.release(chunk[1])
                 else:  # written on a worker, hashed here
@@ -458,21 +421,22 @@ class Uploads:
         return updates, journaled
 
     @staticmethod
-    def _write_whole(rec: dict, appender: Appender, data: memoryview,
-                     compress: bool | None, hashing: _HashAside | None) -> dict | None:
+    def _write_whole(rec: dict, appender: Appender, hashing: HashAside,
+                     compress: bool | None, *, unless_nearly_done: bool) -> dict | None:
         """Write and finish an append of one chunk while its hash is still being computed:
         its journal entry vouches with the hash state *before* the append, which the record
         has, and an xxh3 of the bytes; recovery checks both (see :meth:`_journaled`).
 
-        With ``hashing``, only if that hash is far from done once the bytes are written;
-        else return None, and the append is finished with its end state after the hash."""
+        With ``unless_nearly_done``, only if that hash is far from done once the bytes are
+        written; else return None: the append is finished with its end state after it."""
+        data = hashing.data
         appender.write(data)
-        if hashing is not None and hashing.nearly_done():
+        if unless_nearly_done and hashing.nearly_done(FLUSH_AHEAD_SHARE):
             return None
         journal = None
         if BOOT is not None:
             journal = {"offset": rec["offset"] + len(data), "from": rec["offset"],
-                       "hash": rec["hash"], "tail": xxhash.xxh3_64_hexdigest(data)}
+                       "hash": rec["hash"], "tail": hashing.tail()}
             if compress is not None:
                 journal["compress"] = compress
         return appender.finish(journal)

@@ -147,6 +147,26 @@ def test_alongside_raises_either_error_after_both_are_done() -> None:
     assert finished.is_set()
 
 
+def test_a_short_held_append_takes_its_xxh3_on_the_worker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller writes and flushes; the worker takes the xxh3 its journal entry needs,
+    then the sha256, so the caller's write is not held up by either."""
+    taken_in: list[str] = []
+    real = ingest.xxhash.xxh3_64_hexdigest
+
+    def spy(data: memoryview) -> str:
+        taken_in.append(threading.current_thread().name)
+        return real(data)
+
+    monkeypatch.setattr(ingest.xxhash, "xxh3_64_hexdigest", spy)
+    data = os.urandom(ASIDE_AT)
+    with Engine.open(str(tmp_path / "root")) as engine:
+        upload = engine.uploads.start()
+        engine.uploads.append(upload.id, data, 0)
+        engine.uploads.commit(upload.id, "sha256:" + hashlib.sha256(data).hexdigest())
+    assert taken_in == ["casengine-writer"]
+
+
 two_cpus = pytest.mark.skipif(
     not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2
     or ingest._sched_getcpu is None, reason="needs Linux and two CPUs to choose from")

@@ -24,7 +24,7 @@ import pytest
 
 from backends import local_staging as staging
 from backends.local import LocalBackend
-from casengine import Engine, uploads
+from casengine import Engine, ingest, uploads
 from casengine.layout import blob_key, upload_key
 
 CHUNK = 256 << 10
@@ -168,7 +168,7 @@ def test_entries_of_one_chunk_and_of_several_recover_alike(
     """An append of one chunk journals the hash state where it began and an xxh3 of its
     bytes (it is flushed before its hash is done); a longer one does too if its write
     ends well before its hash, else it journals the state where it ends."""
-    monkeypatch.setattr(uploads._HashAside, "nearly_done", lambda self: not ahead)
+    monkeypatch.setattr(ingest.HashAside, "nearly_done", lambda self, share: not ahead)
     data = os.urandom(CHUNK + (3 << 20) + CHUNK)
     upload_id = power.engine.uploads.start("a/b").id
     bounds = [0, CHUNK, CHUNK + (3 << 20), len(data)]
@@ -187,7 +187,7 @@ def test_a_long_append_flushes_ahead_of_a_slow_hash_not_of_a_slow_write(
     data = os.urandom(6 << 20)
     real_update = uploads.hashstate.ResumableHash.update
     real_write = staging.LocalAppender.write
-    monkeypatch.setattr(uploads._HashAside, "rate", 0.0)  # no pace known: only "done" counts
+    monkeypatch.setattr(ingest.HashAside, "rate", 0.0)  # no pace known: only "done" counts
 
     def slow_hash(self: Any, chunk: memoryview) -> None:
         time.sleep(0.2)
@@ -211,17 +211,18 @@ def test_a_long_append_flushes_ahead_of_a_slow_hash_not_of_a_slow_write(
 
 
 def test_nearly_done_follows_the_last_pace(monkeypatch: pytest.MonkeyPatch) -> None:
-    hashing = uploads._HashAside(uploads.hashstate.ResumableHash(), memoryview(bytes(1000)))
-    monkeypatch.setattr(uploads._HashAside, "rate", 1000.0)  # this hash takes 1 s
-    assert not hashing.nearly_done()  # not started: all of it to go
+    hashing = ingest.HashAside(uploads.hashstate.ResumableHash(), memoryview(bytes(1000)))
+    monkeypatch.setattr(ingest.HashAside, "rate", 1000.0)  # this hash takes 1 s
+    assert not hashing.nearly_done(0.05)  # not started: all of it to go
     now = time.perf_counter()
     hashing.started = now - 0.5
-    assert not hashing.nearly_done()
-    hashing.started = now - (1 - uploads.FLUSH_AHEAD_SHARE / 2)
-    assert hashing.nearly_done()
+    assert not hashing.nearly_done(0.05)
+    hashing.started = now - 0.975
+    assert hashing.nearly_done(0.05)
+    assert not hashing.nearly_done(0.01)
     hashing.started = now - 0.5
     hashing.done = True
-    assert hashing.nearly_done()
+    assert hashing.nearly_done(0.05)
 
 def test_a_torn_journal_entry_falls_back_to_the_one_before(power: PowerCut) -> None:
     upload_id = power.engine.uploads.start("a/b").id
