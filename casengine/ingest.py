@@ -37,16 +37,41 @@ THREAD_AT = 1 << 20
 #: Buffers in flight per ingest (read ahead, hashing, writing); bounds memory at POOL * CHUNK.
 POOL = 6
 
+#: The size of a huge page: anonymous memory may be made of these (see :func:`private_map`).
+HUGE = 2 << 20
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
+_PRIVATE = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+
 Source = bytes | bytearray | memoryview | str | os.PathLike | IO[bytes] | Iterable[bytes]
 #: A chunk to hash and write, and the buffer to give back once it is written (or None).
 Chunk = tuple[memoryview, mmap.mmap | None]
 
 
+def private_map(size: int) -> mmap.mmap:
+    """``size`` bytes of anonymous memory, private to this process and page-aligned, that
+    the kernel may make of huge pages (transparent huge pages in ``madvise`` or ``always``
+    mode) wherever a whole one fits.
+
+    Physically contiguous memory is written direct in one disk request: from 4 KiB pages a
+    1 MiB write is 256 segments, more than the 254 a virtio disk takes per request. And a
+    fresh buffer then costs a page fault per 2 MiB instead of per 4 KiB. A ``blob put`` of
+    1 GiB took 0.77 s against 0.80 s (median of six, alternating). Without huge pages the
+    memory is plain pages, which work the same.
+    """
+    if not _PRIVATE:
+        return mmap.mmap(-1, size)
+    buf = mmap.mmap(-1, size, flags=_PRIVATE)
+    if _MADV_HUGEPAGE is not None:
+        with contextlib.suppress(OSError):  # no huge pages: plain ones then
+            buf.madvise(_MADV_HUGEPAGE)
+    return buf
+
+
 class BufferPool:
     """At most ``count`` reusable buffers; ``get`` blocks while all are in flight.
 
-    Buffers are anonymous maps, so they are page-aligned: a local backend can hand them to
-    the disk with O_DIRECT, without a copy through the page cache.
+    Buffers are anonymous maps (:func:`private_map`), so they are page-aligned: a local
+    backend can hand them to the disk with O_DIRECT, without a copy through the page cache.
     """
 
     def __init__(self, count: int, size: int) -> None:
@@ -59,7 +84,7 @@ class BufferPool:
         with self._lock:
             if self._left:
                 self._left -= 1
-                return mmap.mmap(-1, self._size)
+                return private_map(self._size)
         return self._free.get()
 
     def put(self, buf: mmap.mmap) -> None:

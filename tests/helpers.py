@@ -8,6 +8,7 @@ belongs to the backend tests).
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import shutil
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any, ClassVar
 
 import httpx
+import pytest
 
 from casengine.backend import Backend, Buffer, ObjectInfo, Writer
 from casengine.engine import Engine
@@ -30,6 +32,34 @@ from casengine.seekable import read_object
 MIB = 1 << 20
 KINDS = ("memory", "local")
 REPO = Path(__file__).resolve().parent.parent
+
+
+def thp_mode() -> str | None:
+    """The kernel's transparent huge page mode, or None where it has none."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text.split("[")[1].split("]")[0]
+
+
+huge_pages = pytest.mark.skipif(
+    thp_mode() not in ("madvise", "always") or not hasattr(mmap, "MADV_HUGEPAGE"),
+    reason="the kernel gives no transparent huge pages here")
+
+
+def huge_kib_at(addr: int) -> int:
+    """AnonHugePages of this process's mapping that holds ``addr``."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            if lo <= addr < hi:
+                for field_ in lines[i + 1:]:
+                    if field_.startswith("AnonHugePages:"):
+                        return int(field_.split()[1])
+    raise AssertionError(f"no mapping holds {addr:#x}")
 
 
 def digest_of(data: bytes, algorithm: str = "sha256") -> str:

@@ -1,7 +1,9 @@
 """WritePipeline: every chunk written in order before finish returns, errors raised, and a
 worker that stops by itself when the length is known."""
 
+import ctypes
 import hashlib
+import mmap
 import os
 import threading
 import time
@@ -12,9 +14,9 @@ import pytest
 from backends.local_staging import LocalAppender
 from casengine import hashstate, ingest
 from casengine.engine import Engine
-from casengine.ingest import THREAD_AT, WritePipeline, alongside
+from casengine.ingest import THREAD_AT, BufferPool, WritePipeline, alongside
 from casengine.uploads import ASIDE_AT
-from tests.helpers import MIB
+from tests.helpers import MIB, huge_kib_at, huge_pages
 
 BIG = THREAD_AT  # a chunk this long starts the worker
 
@@ -145,6 +147,19 @@ def test_alongside_raises_either_error_after_both_are_done() -> None:
     with pytest.raises(OSError, match="No space"):
         alongside(lambda: Recorder(fail_at=0).write(memoryview(b"x")), slow_aside)
     assert finished.is_set()
+
+
+@huge_pages
+def test_pool_buffers_are_huge_pages() -> None:
+    """Ingest's buffers are written direct from: whole huge pages make each write one disk
+    request (and a fresh buffer two page faults instead of 1024)."""
+    pool = BufferPool(2, ingest.CHUNK)
+    buf = pool.get()
+    buf[:] = b"\x01" * len(buf)  # the pages exist once touched
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert addr % mmap.PAGESIZE == 0
+    # at least the whole huge pages inside it (all of them where the kernel aligns it)
+    assert huge_kib_at(addr) >= (len(buf) - (-addr % ingest.HUGE)) // ingest.HUGE * 2048 > 0
 
 
 def test_a_short_held_append_takes_its_xxh3_on_the_worker(

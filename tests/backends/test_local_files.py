@@ -9,6 +9,7 @@ import pytest
 
 from backends.local_files import BOUNCE, AlignedBuffer, FileSink
 from casengine.engine import Engine
+from tests.helpers import huge_kib_at, huge_pages
 
 PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -96,30 +97,7 @@ def test_short_or_held_appends_write_direct_and_long_streams_through_the_cache(
         assert all(pages[(short + long) // PAGE:(short + 2 * long) // PAGE])
 
 
-def thp_mode() -> str | None:
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return None
-    return text.split("[")[1].split("]")[0]
-
-
-def huge_kib_at(addr: int) -> int:
-    """AnonHugePages of this process's mapping that holds ``addr``."""
-    lines = Path("/proc/self/smaps").read_text().splitlines()
-    for i, line in enumerate(lines):
-        head = line.split(" ", 1)[0]
-        if "-" in head and ":" not in head:
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            if lo <= addr < hi:
-                for field in lines[i + 1:]:
-                    if field.startswith("AnonHugePages:"):
-                        return int(field.split()[1])
-    raise AssertionError(f"no mapping holds {addr:#x}")
-
-
-@pytest.mark.skipif(thp_mode() not in ("madvise", "always") or not hasattr(mmap, "MADV_HUGEPAGE"),
-                    reason="the kernel gives no transparent huge pages here")
+@huge_pages
 @pytest.mark.parametrize("size", [BOUNCE, 1 << 20, 3 << 20])
 def test_aligned_buffers_are_huge_pages(size: int) -> None:
     buf = AlignedBuffer(size)
