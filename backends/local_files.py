@@ -8,9 +8,10 @@ final fsync only has the tail left to flush.
 
 A sink told to write ``bounced`` copies other chunks into a reused aligned buffer of huge
 pages (:class:`AlignedBuffer`), 2 MiB at a time, and writes that with ``O_DIRECT`` too;
-only the partial pages at either end of a chunk go through the page cache. That is for short appends that are flushed each on its own: on
-ext4 the flush after a direct write costs less than after writeback of the same bytes, and
-no page-cache pages have to be found for them (measured in ``benchmarks/uploads.py``).
+only the partial pages at either end of a chunk go through the page cache. That is for
+short appends that are flushed each on its own: on ext4 the flush after a direct write
+costs less than after writeback of the same bytes, and no page-cache pages have to be
+found for them (measured in ``benchmarks/uploads.py``).
 Longer writes keep the page cache, where writeback keeps more of the disk busy than one
 direct write at a time does.
 """

@@ -16,9 +16,9 @@ An append is three steps:
    state (offset and hash state; the local backend writes it into the same file, so one
    flush covers both). An append whose bytes are in hand at once (a bytes-like source, or
    a streamed one of a single chunk) is written by the calling thread while a worker
-   hashes it. Up to :data:`FLUSH_ASIDE_MAX` it is also flushed meanwhile; its journal
-   entry then holds the hash state where the append began and an xxh3 of its bytes, which
-   recovery checks instead.
+   hashes it. Up to :data:`FLUSH_ASIDE_MAX`, and beyond where its write ends well before its
+   hash, it is also flushed meanwhile; its journal entry then holds the hash state where
+   the append began and an xxh3 of its bytes, which recovery checks instead.
 3. **release**: one transaction advances the offset and saves the hash state and the
    backend's state, if the lease is still ours. Only now is the chunk acknowledged.
 
@@ -387,7 +387,8 @@ class Uploads:
                     if rec["offset"] == 0:
                         head = self.engine.compression.choose(chunk[0]) == ZST
                     long = n > FLUSH_ASIDE_MAX
-                    hashing = HashAside(hasher, chunk[0], tail=not long)
+                    # the worker takes the xxh3 first only where an entry will want it
+                    hashing = HashAside(hasher, chunk[0], tail=not long and BOOT is not None)
                     finished = alongside(
                         functools.partial(self._write_whole, rec, appender, hashing, head,
                                           unless_nearly_done=long),
