@@ -25,3 +25,22 @@ def test_the_upload_benchmark_runs_and_reports_every_column(tmp_path: Path) -> N
         # the disk reference ran in the same round, and the commit read nothing back
         assert r["disk_ratio"] > 0 and r["engine_vs_disk"] > 0 and r["commit_ms"] >= 0
     assert list(tmp_path.iterdir()) == []  # the scratch space is removed
+
+
+def test_a_missed_upload_target_says_how_near_the_bare_disk_it_had_to_come() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import uploads as bench  # the script, imported for its report
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    # sha256 1.0 s, the upload 2.5 s (0.40 of sha256), the disk alone 1.6 s (0.625)
+    missed = bench.Result("local-1m", "upload in 1 MiB appends -> local", 1 << 30, 1 << 20,
+                          0.50, [1.0], [2.5], [0.002], [1.6])
+    met = bench.Result("local-8m", "upload in 8 MiB appends -> local", 1 << 30, 8 << 20,
+                       0.80, [1.0], [1.2], [0.002], [1.0])
+    info = {"python": "3", "openssl": "OpenSSL"}
+    report = bench.table([met, missed], info, 1 << 30, 5, 1)
+    assert "local-1m: the disk alone ran at 0.62 of sha256; meeting 0.50 needed B/D >= 0.80" \
+        in report
+    assert "local-8m: the disk" not in report
+    assert missed.as_dict()["needed_vs_disk"] == 0.8
