@@ -356,70 +356,97 @@ class Uploads:
         if saved is not None:
             hasher = hashstate.ResumableHash.restore(
                 saved["algorithm"], bytes.fromhex(saved["state"]), rec["offset"])
-        backend = self.engine.backend
+        held = _buffer_size(source)
+        size = length if length is not None else held
+        if hasher is not None and held is not None and held == size and held >= ASIDE_AT:
+            # bytes the caller already holds arrive at memory speed: written in one go while
+            # a worker hashes them, so the append takes as long as the slower of disk and
+            # hash; without the buffers and pipeline a stream needs (their setup was 1-3 %
+            # of a 1 MiB append)
+            assert isinstance(source, (bytes, bytearray, memoryview))
+            data = memoryview(source).cast("B")
+            compress = self._compress(rec, data)
+            with self._appender(rec, held, in_memory=True) as appender:
+                done = self._write_one(rec, appender, data, hasher, compress)
+                return self._updates(rec, held, hasher, compress, appender, done)
         pool = BufferPool(POOL, APPEND_CHUNK)
         shared = _SharedBuffers(pool)
         n = 0
         head: bool | None = None
         finished: dict | None = None  #: the backend's state, where the append finished early
-        held = _buffer_size(source)
-        size = length if length is not None else held
-        # bytes the caller already holds arrive at memory speed: written in one go while a
-        # worker hashes them, so the append takes as long as the slower of disk and hash
-        in_memory = hasher is not None and held == size and size is not None and size >= ASIDE_AT
-        with (open_source(source, pool, size if in_memory else APPEND_CHUNK) as chunks,
-              backend.append(upload_key(rec["id"]), rec["backend"], rec["offset"]) as appender,
+        with (open_source(source, pool, APPEND_CHUNK) as chunks,
+              self._appender(rec, size) as appender,
               WritePipeline(appender, shared.release, size) as pipe):
-            if size is not None:
-                appender.expect(size, in_memory=in_memory)
             for chunk in chunks:
                 n += len(chunk[0])
                 if length is not None and n > length:
                     raise SizeMismatch(length, n)
+                if n == len(chunk[0]):
+                    head = self._compress(rec, chunk[0])
                 # the bytes are written and hashed at the same time: an append then takes as
                 # long as the slower of the two, not their sum
                 shared.hold(chunk[1])
                 if hasher is not None and n == size == len(chunk[0]) >= ASIDE_AT:
-                    # the whole append in one chunk: written (and, if short, flushed) here,
-                    # hashed on a worker meanwhile
+                    # the whole append in one chunk, as if its bytes had been handed over
                     if (extra := next(chunks, None)) is not None:
                         raise SizeMismatch(size, n + len(extra[0]))
-                    if rec["offset"] == 0:
-                        head = self.engine.compression.choose(chunk[0]) == ZST
-                    long = n > FLUSH_ASIDE_MAX
-                    # the worker takes the xxh3 first only where an entry will want it
-                    hashing = HashAside(hasher, chunk[0], tail=not long and BOOT is not None)
-                    finished = alongside(
-                        functools.partial(self._write_whole, rec, appender, hashing, head,
-                                          unless_nearly_done=long),
-                        hashing, apart=long)
+                    finished = self._write_one(rec, appender, chunk[0], hasher, head)
                     shared.release(chunk[1])
                 else:  # written on a worker, hashed here
                     pipe.put(chunk)
                     if hasher is not None:
                         hasher.update(chunk[0])
-                if head is None and rec["offset"] == 0 and n == len(chunk[0]):
-                    # the blob's first bytes: the sample the compression policy decides on,
-                    # so that a commit hands only compressible blobs to the compactor
-                    head = self.engine.compression.choose(chunk[0]) == ZST
                 shared.release(chunk[1])
             pipe.finish()
             if length is not None and n != length:
                 raise SizeMismatch(length, n)
-            updates: dict[str, object] = {"offset": rec["offset"] + n, "hash": None}
-            if hasher is not None:
-                updates["hash"] = {"algorithm": hasher.algorithm, "state": hasher.state().hex()}
-            if head is not None:
-                updates["compress"] = head
-            if finished is not None:
-                updates["backend"] = finished
-            else:
-                # only a hash state can vouch for a journal entry, and only a boot id tells
-                # when one must be checked
-                journal = dict(updates) if hasher is not None and BOOT is not None else None
-                updates["backend"] = appender.finish(journal)
-            journaled = appender.journaled
-        return updates, journaled
+            return self._updates(rec, n, hasher, head, appender, finished)
+
+    def _appender(self, rec: dict, size: int | None, *,
+                  in_memory: bool = False) -> Appender:
+        appender = self.engine.backend.append(upload_key(rec["id"]), rec["backend"],
+                                              rec["offset"])
+        if size is not None:
+            appender.expect(size, in_memory=in_memory)
+        return appender
+
+    def _compress(self, rec: dict, head: memoryview) -> bool | None:
+        """For the blob's first bytes, whether the compression policy would compress it: a
+        commit then hands only compressible blobs to the compactor."""
+        if rec["offset"] != 0:
+            return None
+        return self.engine.compression.choose(head) == ZST
+
+    def _write_one(self, rec: dict, appender: Appender, data: memoryview,
+                   hasher: hashstate.ResumableHash, compress: bool | None) -> dict | None:
+        """Write (and, if short, flush) an append of one chunk here while a worker hashes
+        it; the backend's state where it finished, else None (see :meth:`_write_whole`)."""
+        long = len(data) > FLUSH_ASIDE_MAX
+        # the worker takes the xxh3 first only where an entry will want it
+        hashing = HashAside(hasher, data, tail=not long and BOOT is not None)
+        return alongside(
+            functools.partial(self._write_whole, rec, appender, hashing, compress,
+                              unless_nearly_done=long),
+            hashing, apart=long)
+
+    @staticmethod
+    def _updates(rec: dict, n: int, hasher: hashstate.ResumableHash | None,
+                 compress: bool | None, appender: Appender,
+                 finished: dict | None) -> tuple[dict[str, object], bool]:
+        """The record's updates after ``n`` bytes, finishing the append unless that is done."""
+        updates: dict[str, object] = {"offset": rec["offset"] + n, "hash": None}
+        if hasher is not None:
+            updates["hash"] = {"algorithm": hasher.algorithm, "state": hasher.state().hex()}
+        if compress is not None:
+            updates["compress"] = compress
+        if finished is not None:
+            updates["backend"] = finished
+        else:
+            # only a hash state can vouch for a journal entry, and only a boot id tells
+            # when one must be checked
+            journal = dict(updates) if hasher is not None and BOOT is not None else None
+            updates["backend"] = appender.finish(journal)
+        return updates, appender.journaled
 
     @staticmethod
     def _write_whole(rec: dict, appender: Appender, hashing: HashAside,
