@@ -24,10 +24,10 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO
 
 from casengine.backend import Buffer, os_error
-from casengine.ingest import HUGE, private_map
+from casengine.ingest import HUGE, linux_call, private_map
 
 _SYNC_FILE_RANGE_WRITE = 2
 #: O_DIRECT wants buffer address, length and file offset aligned; a page satisfies every disk.
@@ -41,20 +41,6 @@ _WRITEBACK_STEP = 1 << 20
 #: buffer faults in every page, which took longer than the 1 MiB direct write itself here.
 BOUNCE = 2 << 20
 _BOUNCE_KEEP = 8
-
-
-def linux_call(name: str, *argtypes: type) -> Any:
-    """The C library's ``name`` with these argument types (returning int, errno kept), or
-    None off Linux or where the library has none."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = list(argtypes)
-    fn.restype = ctypes.c_int
-    return fn
 
 
 _sync_file_range = linux_call("sync_file_range", ctypes.c_int, ctypes.c_longlong,

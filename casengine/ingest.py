@@ -242,18 +242,21 @@ _workers = _Workers()
 T = TypeVar("T")
 
 
-def _libc_sched_getcpu() -> Callable[[], int] | None:
-    if not sys.platform.startswith("linux") or not hasattr(os, "sched_setaffinity"):
+def linux_call(name: str, *argtypes: type) -> Any:
+    """The C library's ``name`` with these argument types (returning int, errno kept), or
+    None off Linux or where the library has none."""
+    if not sys.platform.startswith("linux"):
         return None
     try:
-        fn = ctypes.CDLL(None).sched_getcpu
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
+    fn.argtypes = list(argtypes)
     fn.restype = ctypes.c_int
     return fn
 
 
-_sched_getcpu = _libc_sched_getcpu()
+_sched_getcpu = linux_call("sched_getcpu") if hasattr(os, "sched_setaffinity") else None
 
 
 class _Apart:
