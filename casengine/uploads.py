@@ -54,9 +54,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import xxhash
-
-from casengine import hashstate
+from casengine import hashstate, upload_recovery
 from casengine.digest import Digest, Hasher, parse_digest
 from casengine.errors import (
     BackendError,
@@ -247,7 +245,10 @@ class Uploads:
         rec = self.engine.index.get_upload(upload_id)
         if rec is None:
             raise UploadNotFound(upload_id)
-        updates = self._journaled(rec)
+        updates = upload_recovery.journaled(self.engine.backend, rec)
+        if updates:
+            log.warning("upload %s: recovered offset %d (the index had %d) from its journal",
+                        upload_id, updates["offset"], rec["offset"])
 
         def recovered(cur: dict) -> dict:
             if cur.get("boot") == BOOT:
@@ -258,49 +259,6 @@ class Uploads:
             return {**cur, **updates, "boot": BOOT, "lease": None}
 
         self._change(upload_id, recovered)
-
-    def _journaled(self, rec: dict) -> dict:
-        """The updates that bring ``rec`` to the newest journal entry whose bytes are all
-        on disk: the entry's hash state must be what the record's state becomes over the
-        staged bytes in between. Nothing, where there is no such entry."""
-        saved = rec.get("hash")
-        key = upload_key(rec["id"])
-        journal = self.engine.backend.upload_journal(key, rec.get("backend") or {})
-        if saved is None or journal is None:
-            return {}
-        entries = [e for e in journal.entries if e[1]["offset"] > rec["offset"]
-                   and e[1]["hash"]["algorithm"] == saved["algorithm"]]
-        if not entries:
-            return {}
-        hasher = hashstate.ResumableHash.restore(saved["algorithm"],
-                                                 bytes.fromhex(saved["state"]), rec["offset"])
-        best: dict = {}
-        for state, entry in entries:
-            # an entry vouches with the hash state at its offset, or (an append of one chunk,
-            # finished before its hash was) with the state where it began and an xxh3 of
-            # the bytes it added
-            vouched = entry.get("from", entry["offset"])
-            for chunk in journal.read(hasher.size, vouched):
-                hasher.update(chunk)
-            claimed = hashstate.ResumableHash.restore(
-                saved["algorithm"], bytes.fromhex(entry["hash"]["state"]), vouched)
-            if hasher.size != vouched or hasher.digest() != claimed.digest():
-                break  # an append the power cut caught half written: later ones cannot hold
-            if "tail" in entry:
-                tail = xxhash.xxh3_64()
-                for chunk in journal.read(vouched, entry["offset"]):
-                    tail.update(chunk)
-                    hasher.update(chunk)
-                if hasher.size != entry["offset"] or tail.hexdigest() != entry["tail"]:
-                    break
-            best = {"offset": entry["offset"], "backend": state,
-                    "hash": {"algorithm": hasher.algorithm, "state": hasher.state().hex()}}
-            if "compress" in entry:
-                best["compress"] = entry["compress"]
-        if best:
-            log.warning("upload %s: recovered offset %d (the index had %d) from its journal",
-                        rec["id"], best["offset"], rec["offset"])
-        return best
 
     # -- the session API ------------------------------------------------------------------
 
@@ -453,7 +411,8 @@ class Uploads:
                      compress: bool | None, *, unless_nearly_done: bool) -> dict | None:
         """Write and finish an append of one chunk while its hash is still being computed:
         its journal entry vouches with the hash state *before* the append, which the record
-        has, and an xxh3 of the bytes; recovery checks both (see :meth:`_journaled`).
+        has, and an xxh3 of the bytes; recovery checks both (see
+        :func:`casengine.upload_recovery.journaled`).
 
         With ``unless_nearly_done``, only if that hash is far from done once the bytes are
         written; else return None: the append is finished with its end state after it."""
