@@ -112,6 +112,12 @@ class LocalAppender(Appender):
                 create = os.O_CREAT if self._offset == 0 else 0
                 fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC | create, 0o644)
                 try:
+                    if os.fstat(fd).st_nlink > 1:
+                        # published by a commit whose end a power cut lost (or hard-linked
+                        # by a backup): a write here would change the other file too
+                        raise BackendError(f"the staged data of {self._key} is also linked "
+                                           "elsewhere, likely as a published blob: not "
+                                           "writing into it")
                     if self._offset == 0:
                         os.ftruncate(fd, 0)  # nothing is acknowledged yet: drop what is there
                         fsync_dir(os.path.dirname(self._path))

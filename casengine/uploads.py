@@ -38,7 +38,10 @@ A crash between 1 and 3 leaves the offset at the last acknowledged chunk. The le
 dead process is ignored, and the next append overwrites what the dead one left. A commit
 takes its digest from the saved hash state and never reads the data again; only a session
 without a usable state (another algorithm, or no libcrypto) is re-hashed from storage,
-with a warning in the log.
+with a warning in the log. Before it publishes, a commit marks the session with the
+verified digest: a commit that dies after publishing leaves a session whose next append
+finds the blob stored, finishes what the commit left undone and reports the session gone,
+rather than add bytes to a published object.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ from casengine.ingest import (
     alongside,
     open_source,
 )
-from casengine.layout import UPLOADS, ZST, upload_key
+from casengine.layout import RAW, UPLOADS, ZST, blob_key, upload_key
 from casengine.leases import is_live, new_lease
 
 if TYPE_CHECKING:
@@ -230,13 +233,32 @@ class Uploads:
         return rec, lease["token"]
 
     def _release(self, upload_id: str, token: str, *, durable: bool = True,
-                 **updates: object) -> dict | None:
+                 hold: bool = False, **updates: object) -> dict | None:
+        """Apply ``updates`` to the session this request claimed and let it go (with
+        ``hold``, keep it)."""
         def release(rec: dict) -> dict:
             if (rec.get("lease") or {}).get("token") != token:
                 raise Conflict(f"upload {upload_id} was taken over while this request ran")
-            return {**rec, **updates, "lease": None, "updated": time.time()}
+            return {**rec, **updates, "lease": rec["lease"] if hold else None,
+                    "updated": time.time()}
 
         return self._change(upload_id, release, durable=durable)
+
+    def _published(self, rec: dict) -> bool:
+        """Whether a commit published this session's bytes and died before it forgot the
+        session: its mark names their digest, verified at the session's offset, and that
+        blob is stored (in the index, or as an object the dead commit had yet to record)."""
+        marked = rec.get("published")
+        if marked is None or marked["offset"] != rec["offset"]:
+            return False  # none, or of fewer bytes (a record recovered from the journal)
+        digest = parse_digest(marked["digest"])
+        if self.engine.exists(digest):
+            return True
+        try:
+            self.engine.backend.stat(blob_key(digest, RAW))
+        except NotFound:
+            return False
+        return True
 
     # -- recovery after a power cut -------------------------------------------------------
 
@@ -292,11 +314,18 @@ class Uploads:
         if not isinstance(offset, int) or offset < 0:
             raise InvalidInput(f"invalid offset {offset!r}")
         rec, token = self._claim(upload_id, offset)
+        if self._published(rec):
+            # the blob is out: more bytes would change a published object (a local one
+            # shares the staged file) or go nowhere; what the dead commit left undone
+            self._forget(upload_id, rec)
+            raise UploadNotFound(upload_id)
         try:
             updates, journaled = self._write(rec, source, length)
         except BaseException:
             self._release(upload_id, token)
             raise
+        if "published" in rec:
+            updates["published"] = None  # the mark is of the bytes before this append
         end = updates["offset"]
         assert isinstance(end, int)
         durable = not journaled or end // RECOVERY_SPAN != offset // RECOVERY_SPAN
@@ -454,12 +483,17 @@ class Uploads:
                 raise DigestMismatch(expected, actual)
             if check is not None:
                 check(actual, total)
+            # the mark lets a later request tell whether this one died having published
+            # the blob (see _published); a power cut that loses it finds the local file
+            # still shared with the blob, which the backend refuses to write into
+            self._release(upload_id, token, durable=False, hold=True,
+                          published={"digest": str(actual), "offset": total})
             created = self.engine.publish_staged(upload_key(upload_id), rec["backend"], actual,
                                                  total)
         except BaseException:
             restore = {} if before is None else {
                 k: before[k] for k in ("offset", "backend", "hash")}
-            self._release(upload_id, token, **restore)
+            self._release(upload_id, token, published=None, **restore)
             raise
         self._forget(upload_id, rec)
         if created and rec.get("compress") and self.engine.compression.mode != "never":

@@ -26,13 +26,16 @@ from typing import Any
 import pytest
 
 from casengine import Engine
+from casengine.digest import parse_digest
 from casengine.errors import (
+    BackendError,
     Conflict,
     DigestMismatch,
     OffsetMismatch,
     SizeMismatch,
     UploadNotFound,
 )
+from casengine.layout import RAW, blob_key
 
 DATA = os.urandom((5 << 20) + 4321)
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
@@ -393,3 +396,60 @@ def test_purge_removes_staged_bytes_without_a_record(durable: Store) -> None:
         assert list(e.backend.list("uploads/"))
         e.uploads.purge(0)
         assert list(e.backend.list("uploads/")) == []
+
+
+DIES_AFTER_PUBLISHING = """
+    import json, os, sys
+    from casengine import Engine
+    from casengine.uploads import Uploads
+    spec = json.loads(sys.argv[1])
+    # the process dies once the blob is published, before the session is forgotten
+    Uploads._forget = lambda *_: os._exit(9)
+    with Engine.open(spec["url"], index=spec["index"], **spec["options"]) as e:
+        e.uploads.commit(sys.argv[2], sys.argv[3])
+"""
+
+
+def _commit_dies_after_publishing(store: Store) -> str:
+    """An upload of DATA whose commit's process died once the blob was published."""
+    with store.open() as e:
+        upload_id = e.uploads.start().id
+        _append_all(e, upload_id, DATA, 2 << 20)
+    p = _python(DIES_AFTER_PUBLISHING, store.json(), upload_id, DIGEST)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 9, err.decode()
+    return upload_id
+
+
+@pytest.mark.parametrize("then", ["append", "commit"])
+def test_death_between_publishing_and_forgetting(durable: Store, then: str) -> None:
+    """The published blob never changes through the session it came from: a later append
+    finds the session finished, a retried commit finds the blob."""
+    upload_id = _commit_dies_after_publishing(durable)
+    with durable.open() as e:
+        assert e.read_bytes(DIGEST) == DATA  # published, and its session still there
+        assert e.uploads.status(upload_id).offset == len(DATA)
+        if then == "append":
+            with pytest.raises(UploadNotFound):
+                e.uploads.append(upload_id, b"more" * 2000, len(DATA))
+        else:
+            assert not e.uploads.commit(upload_id, DIGEST).created
+        assert e.read_bytes(DIGEST) == DATA
+        # the object itself, not just what the index says of it
+        assert e.backend.stat(blob_key(parse_digest(DIGEST), RAW)).size == len(DATA)
+        _nothing_staged(e)
+
+
+def test_local_staged_file_linked_as_a_blob_takes_no_more_bytes(tmp_path: Path) -> None:
+    """Should the mark be lost too (a power cut: it is not synced), the local backend still
+    refuses to write into a staged file that is also a published blob's."""
+    store = Store(str(tmp_path / "root"))
+    upload_id = _commit_dies_after_publishing(store)
+    with store.open() as e:
+        e.index.update_upload(upload_id, lambda rec: {**rec, "published": None})
+        with pytest.raises(BackendError, match="linked elsewhere"):
+            e.uploads.append(upload_id, b"more" * 2000, len(DATA))
+        assert e.backend.stat(blob_key(parse_digest(DIGEST), RAW)).size == len(DATA)
+        assert not e.uploads.commit(upload_id, DIGEST).created  # a retried commit still ends it
+        assert e.read_bytes(DIGEST) == DATA
+        _nothing_staged(e)
