@@ -459,12 +459,16 @@ class Uploads:
 
     def commit(self, upload_id: str, digest: str | Digest, *, last: Source | None = None,
                last_length: int | None = None, size: int | None = None,
-               check: Callable[[Digest, int], None] | None = None) -> IngestResult:
+               check: Callable[[Digest, int], None] | None = None,
+               published: Callable[[Digest], None] | None = None) -> IngestResult:
         """Verify and publish the session as a blob, optionally appending ``last`` first.
 
         ``check(digest, size)`` runs after verification, before anything is published, and
         may raise to refuse. A refused commit leaves the session as it was before the call,
-        ``last`` not appended, so the client can retry.
+        ``last`` not appended, so the client can retry. ``published(digest)`` runs once the
+        blob is stored, before the session is forgotten (a registry links the blob into the
+        repository there): should it fail, or the process die in it, a retried commit finds
+        the session and the blob and runs it again.
         """
         from casengine.engine import IngestResult
 
@@ -495,6 +499,12 @@ class Uploads:
                 k: before[k] for k in ("offset", "backend", "hash")}
             self._release(upload_id, token, published=None, **restore)
             raise
+        if published is not None:
+            try:
+                published(actual)
+            except BaseException:
+                self._release(upload_id, token)  # the mark stays: the blob is stored
+                raise
         self._forget(upload_id, rec)
         if created and rec.get("compress") and self.engine.compression.mode != "never":
             # compressed after the acknowledgement, as a large ingest is: the commit itself

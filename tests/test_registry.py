@@ -12,6 +12,7 @@ import pytest
 from casengine.digest import Digest
 from casengine.engine import Engine
 from casengine.errors import (
+    BackendError,
     BlobNotFound,
     DigestMismatch,
     InvalidDigest,
@@ -531,6 +532,29 @@ def test_upload_sessions_are_bound_to_their_repository(reg: Registry) -> None:
     assert b"".join(reg.read_blob("a", result.digest)) == b"hello world"
     with pytest.raises(UploadNotFound):
         reg.upload_status("a", uid)  # finished
+
+
+def test_a_commit_that_fails_to_link_leaves_its_session_for_the_retry(
+        reg: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blob is published before it is linked into the repository: a failure (or a
+    crash) in between must not leave the client without both the session and the blob."""
+    uid = reg.start_upload("a").id
+    reg.append_upload("a", uid, b"hello world", 0)
+    d = digest_of(b"hello world")
+
+    def unreachable(repo: str, digest: object) -> None:
+        raise BackendError("the backend went away")
+
+    with monkeypatch.context() as m:
+        m.setattr(reg, "link", unreachable)
+        with pytest.raises(BackendError):
+            reg.commit_upload("a", uid, d)
+    assert reg.engine.exists(d) and not reg.is_linked("a", d)
+    assert reg.upload_status("a", uid).offset == 11
+    assert not reg.commit_upload("a", uid, d).created  # the retried PUT
+    assert reg.is_linked("a", d) and b"".join(reg.read_blob("a", d)) == b"hello world"
+    with pytest.raises(UploadNotFound):
+        reg.upload_status("a", uid)
 
 
 def test_cancel_and_unbound_uploads(reg: Registry) -> None:

@@ -281,11 +281,12 @@ class Registry:
                       last: Source | None = None, last_length: int | None = None,
                       size: int | None = None, owner: str | None = None) -> IngestResult:
         self.upload_status(repo, upload_id, owner)
-        result = self.engine.uploads.commit(upload_id, digest, last=last,
-                                            last_length=last_length, size=size,
-                                            check=lambda d, n: self.quotas.check_blob(repo, n, d))
-        self.link(repo, result.digest)
-        return result
+        # linked before the session is forgotten: a crash in between leaves the session,
+        # and the client's retried PUT links it then
+        return self.engine.uploads.commit(upload_id, digest, last=last,
+                                          last_length=last_length, size=size,
+                                          check=lambda d, n: self.quotas.check_blob(repo, n, d),
+                                          published=lambda d: self.link(repo, d))
 
     def cancel_upload(self, repo: str, upload_id: str, owner: str | None = None) -> None:
         self.upload_status(repo, upload_id, owner)
