@@ -97,11 +97,24 @@ class Kept:
 
 
 @dataclass
+class Interrupted:
+    """A chunked upload the kill cut off: where it was, and how far it was acknowledged."""
+
+    repo: str
+    digest: str
+    data: bytes
+    location: str
+    acked: int  #: bytes acknowledged by 2xx PATCHes
+    committing: bool  #: the PUT was sent
+
+
+@dataclass
 class Ledger:
     """What the server acknowledged, and what is known to have been deleted."""
 
     images: dict[str, Kept] = field(default_factory=dict)  # manifest digest -> image
     blob_acks: list[tuple[str, str]] = field(default_factory=list)  # (repo, digest), this iteration
+    interrupted: list[Interrupted] = field(default_factory=list)  # this iteration
     counts: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -211,14 +224,23 @@ class Client(threading.Thread):
             r.raise_for_status()
             loc = r.headers["location"]
             step = max(1, len(data) // self.rng.randint(1, 4))
-            for off in range(0, len(data), step):
-                piece = data[off:off + step]
-                r = c.patch(loc, content=piece, headers={
-                    "Content-Type": "application/octet-stream",
-                    "Content-Range": f"{off}-{off + len(piece) - 1}"})
-                r.raise_for_status()
-                loc = r.headers["location"]
-            r = c.put(loc, params={"digest": digest})
+            acked, committing = 0, False
+            try:
+                for off in range(0, len(data), step):
+                    piece = data[off:off + step]
+                    r = c.patch(loc, content=piece, headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Range": f"{off}-{off + len(piece) - 1}"})
+                    r.raise_for_status()
+                    loc, acked = r.headers["location"], off + len(piece)
+                committing = True
+                r = c.put(loc, params={"digest": digest})
+            except httpx.TransportError:
+                # the server went away: resumed once it is back (see resume)
+                with self.ledger.lock:
+                    self.ledger.interrupted.append(
+                        Interrupted(repo, digest, data, loc, acked, committing))
+                raise
             self.ledger.count("chunked")
         r.raise_for_status()
         with self.ledger.lock:
@@ -276,6 +298,45 @@ def verify(url: str, images: list[Kept], blob_acks: list[tuple[str, str]]) -> li
     return lost
 
 
+def resume(url: str, uploads: list[Interrupted]) -> list[str]:
+    """Finish each interrupted chunked upload as a client would after the restart: ask where
+    it stands, send the rest, commit. It must stand at or past what was acknowledged (and at
+    most at the end), and the blob must read back; only an upload whose commit was in
+    flight may have finished (its session gone, its blob there)."""
+    lost = []
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for up in uploads:
+            name = f"upload {up.repo}@{up.digest}"
+            r = c.get(up.location)
+            if r.status_code == 404 and up.committing:
+                r = c.head(f"/v2/{up.repo}/blobs/{up.digest}")
+                if r.status_code != 200:
+                    lost.append(f"{name}: session gone after its commit, blob {r.status_code}")
+                continue
+            if r.status_code != 204:
+                lost.append(f"{name}: status {r.status_code}, {up.acked} bytes acknowledged")
+                continue
+            end = int(r.headers["range"].split("-")[1])
+            offset = end + 1 if end else 0  # "0-0" is how a registry says 0 (or 1) bytes
+            if not up.acked <= offset <= len(up.data):
+                lost.append(f"{name}: stands at {offset}, {up.acked} acknowledged")
+                continue
+            loc = r.headers.get("location", up.location)
+            if offset < len(up.data):
+                r = c.patch(loc, content=up.data[offset:], headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Range": f"{offset}-{len(up.data) - 1}"})
+                if r.status_code != 202:
+                    lost.append(f"{name}: resuming at {offset}: {r.status_code}")
+                    continue
+                loc = r.headers["location"]
+            r = c.put(loc, params={"digest": up.digest})
+            got = c.get(f"/v2/{up.repo}/blobs/{up.digest}")
+            if r.status_code != 201 or digest_of(got.content) != up.digest:
+                lost.append(f"{name}: commit {r.status_code}, read {got.status_code}")
+    return lost
+
+
 def age(root: str, seconds: float) -> None:
     """Move every object's mtime back: GC leaves orphans younger than ORPHAN_MIN_AGE alone
     (a publish may be in progress), and this stands for the wait an operator would have."""
@@ -329,10 +390,13 @@ def run(iterations: int, seed: int, root: str, *, clients: int = 3, max_delay: f
             server.start()
             with ledger.lock:
                 acks, ledger.blob_acks = ledger.blob_acks, []
+                cut, ledger.interrupted = ledger.interrupted, []
                 images = list(ledger.images.values())
             recent = [im for im in images if im.tag.startswith(f"i{i}c")]
             sample = rng.sample(images, min(10, len(images)))
             found = verify(server.url, [*recent, *sample], acks)
+            found += resume(server.url, cut)
+            ledger.counts["resumed"] = ledger.counts.get("resumed", 0) + len(cut)
             lost += [f"iteration {i}: {x}" for x in found]
             if log is not None:
                 print(f"iteration {i}: {len(acks)} blob acks, {len(images)} images kept, "
