@@ -6,8 +6,10 @@ Each iteration starts the server if it is down, lets a few HTTP clients push ima
 (monolithic and chunked blob uploads, a manifest under a fresh tag), delete manifests and
 abandon uploads, sometimes runs ``casengine gc`` beside them, and then kills the server
 (and the GC, if it still runs) with SIGKILL at a random moment. Everything the server
-acknowledged with a 2xx is written down. After each restart, what this iteration
-acknowledged must read back byte for byte (a third of the layers compress, so some kills
+acknowledged with a 2xx is written down. After each restart, the chunked uploads the kill
+cut off are resumed as a client would (ask for the offset, which must not be below what was
+acknowledged, send the rest, commit), and what this iteration acknowledged must read back
+byte for byte (a third of the layers compress, so some kills
 land in the middle of a background compression); so must every manifest acknowledged so far and
 not deleted since, and its blobs.
 
