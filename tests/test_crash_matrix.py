@@ -44,6 +44,38 @@ def test_kill_nine_at_random_moments_loses_nothing_acknowledged(tmp_path: Path) 
     assert report["images_kept"] > 0
 
 
+@pytest.mark.timeout(240)
+def test_with_two_worker_processes_cut_off_uploads_resume(tmp_path: Path) -> None:
+    """Any worker continues a session; a killed worker's lease must not hold it (a killed
+    worker that nobody reaps still has its pid)."""
+    report = crash_matrix.run(8, seed=20261128, root=str(tmp_path / "root"), max_delay=0.8,
+                              workers=2, gc_chance=0)
+    assert report["lost"] == [] and report["ok"], json.dumps(report, indent=1)
+    assert report["counts"].get("resumed", 0) >= 1, report["counts"]
+
+
+def test_the_matrix_sees_a_lost_upload(tmp_path: Path) -> None:
+    """The resume check can fail: a session gone though its PUT was never sent is lost."""
+    server = crash_matrix.Server(str(tmp_path / "root"), tmp_path / "serve.log")
+    server.start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            loc = c.post("/v2/crash/a/blobs/uploads/").headers["location"]
+            r = c.patch(loc, content=b"x" * 1000, headers={
+                "Content-Type": "application/octet-stream", "Content-Range": "0-999"})
+            loc = r.headers["location"]
+            cut = crash_matrix.Interrupted("crash/a", digest_of(b"x" * 2000), b"x" * 2000, loc,
+                                           1000, committing=False)
+            assert crash_matrix.resume(server.url, [cut]) == []
+            loc = c.post("/v2/crash/a/blobs/uploads/").headers["location"]
+            c.delete(loc).raise_for_status()  # behind the client's back
+        lost = crash_matrix.resume(server.url, [crash_matrix.Interrupted(
+            "crash/a", digest_of(b"y"), b"y", loc, 0, committing=False)])
+        assert len(lost) == 1 and "status 404" in lost[0], lost
+    finally:
+        server.stop()
+
+
 def test_the_matrix_sees_a_lost_blob(tmp_path: Path) -> None:
     """The check above can fail: a blob removed behind the server's back is reported lost."""
     root = str(tmp_path / "root")
