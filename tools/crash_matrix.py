@@ -3,8 +3,9 @@
 at random moments of pushes, chunked uploads, manifest puts and deletes, many times.
 
 Each iteration starts the server if it is down, lets a few HTTP clients push images
-(monolithic and chunked blob uploads, a manifest under a fresh tag), delete manifests and
-abandon uploads, sometimes runs ``casengine gc`` beside them, and then kills the server
+(monolithic and chunked blob uploads, a third of the chunked ones with their last piece in
+the PUT, a manifest under a fresh tag), delete manifests and abandon uploads, sometimes
+runs ``casengine gc`` beside them, and then kills the server
 (and the GC, if it still runs) with SIGKILL at a random moment. Everything the server
 acknowledged with a 2xx is written down. After each restart, the chunked uploads the kill
 cut off are resumed as a client would (ask for the offset, which must not be below what was
@@ -226,17 +227,21 @@ class Client(threading.Thread):
             r.raise_for_status()
             loc = r.headers["location"]
             step = max(1, len(data) // self.rng.randint(1, 4))
+            # a third of them send their last piece with the PUT that commits
+            last = len(data) - step if len(data) > step and self.rng.random() < 1 / 3 \
+                else len(data)
             acked, committing = 0, False
             try:
-                for off in range(0, len(data), step):
-                    piece = data[off:off + step]
+                for off in range(0, last, step):
+                    piece = data[off:min(off + step, last)]
                     r = c.patch(loc, content=piece, headers={
                         "Content-Type": "application/octet-stream",
                         "Content-Range": f"{off}-{off + len(piece) - 1}"})
                     r.raise_for_status()
                     loc, acked = r.headers["location"], off + len(piece)
                 committing = True
-                r = c.put(loc, params={"digest": digest})
+                r = c.put(loc, params={"digest": digest}, content=data[last:],
+                          headers={"Content-Type": "application/octet-stream"})
             except httpx.TransportError:
                 # the server went away: resumed once it is back (see resume)
                 with self.ledger.lock:
