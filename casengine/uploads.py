@@ -39,9 +39,10 @@ dead process is ignored, and the next append overwrites what the dead one left. 
 takes its digest from the saved hash state and never reads the data again; only a session
 without a usable state (another algorithm, or no libcrypto) is re-hashed from storage,
 with a warning in the log. Before it publishes, a commit marks the session with the
-verified digest: a commit that dies after publishing leaves a session whose next append
-finds the blob stored, finishes what the commit left undone and reports the session gone,
-rather than add bytes to a published object.
+verified digest. A commit that dies after publishing leaves a session whose retried commit
+finds the blob and completes (with the caller's ``published`` step, which a registry links
+the blob in); an append instead ends the session, reported gone, rather than add bytes to
+a published object.
 """
 
 from __future__ import annotations
@@ -316,7 +317,7 @@ class Uploads:
         rec, token = self._claim(upload_id, offset)
         if self._published(rec):
             # the blob is out: more bytes would change a published object (a local one
-            # shares the staged file) or go nowhere; what the dead commit left undone
+            # shares the staged file) or go nowhere
             self._forget(upload_id, rec)
             raise UploadNotFound(upload_id)
         try:
