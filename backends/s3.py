@@ -38,7 +38,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -170,7 +169,7 @@ class S3Writer(Writer):
             self.abort()
 
     def abort(self) -> None:
-        """Best effort: whatever a failure leaves is for :meth:`S3Backend.abort_stale_uploads`."""
+        """Best effort: whatever a failure leaves is for :meth:`S3Backend.purge_staging`."""
         self._closed = True
         self._buf = bytearray()
         try:
@@ -398,19 +397,3 @@ class S3Backend(S3UploadStaging, Backend):
     def staging_objects(self) -> list[ObjectInfo]:
         """Completed staging objects, which a crash between copy and delete leaves."""
         return [ObjectInfo(*obj) for obj in self._objects(STAGING + "/")]
-
-    def abort_stale_uploads(self, older_than: float, *, now: float | None = None) -> int:
-        """Abort the multipart uploads, and delete the staging objects, started more than
-        ``older_than`` seconds before ``now``; return how many were removed.
-
-        Pick an age well beyond the longest a live writer may take: a writer whose upload
-        is aborted under it fails at its next part or at commit.
-        """
-        cutoff = (time.time() if now is None else now) - older_than
-        stale = [u for u in self.multipart_uploads() if u.initiated < cutoff]
-        for upload in stale:
-            self.abort_upload(self.absolute(upload.key), upload.upload_id)
-        staged = [obj.key for obj in self.staging_objects() if obj.mtime < cutoff]
-        for key in staged:
-            self.call(f"deleting {key}", "delete_object", Key=self.absolute(key))
-        return len(stale) + len(staged)

@@ -44,6 +44,7 @@ from casengine.errors import (
     CASError,
     NotFound,
 )
+from casengine.layout import UPLOADS
 
 if TYPE_CHECKING:
     from backends.s3 import S3Backend
@@ -368,30 +369,42 @@ class S3UploadStaging:
 
     def purge_staging(self, older_than: float,
                       in_use: Callable[[str], bool] = lambda key: False) -> int:
-        """Abort the multipart uploads of upload sessions (``*/data``) on which nothing
-        happened before the unix time ``older_than``: neither their start, nor a part, nor
-        an object under the session; return how many.
+        """Drop what dead writers left, idle since before the unix time ``older_than``;
+        return how many: the multipart uploads of upload sessions (``uploads/*/data``) no
+        live session holds and on which nothing happened, neither their start, nor a part,
+        nor an object under the session; multipart uploads of other writers (an ingest
+        straight to its key, killed before its commit or abort) without a start or part
+        since; and staging objects a crash left between a copy and its delete.
 
         Activity counts, not the start alone, because a live session's upload may be old
         (and moto reports one fixed start time for every upload).
         """
-        aborted = 0
+        purged = 0
         for upload in self.multipart_uploads():
-            session, _, name = upload.key.rpartition("/")
-            if not session or name != DATA or upload.initiated >= older_than:
+            if upload.initiated >= older_than:
                 continue
-            if in_use(session):
+            session, _, name = upload.key.rpartition("/")
+            ours = upload.key.startswith(UPLOADS) and name == DATA
+            if ours and in_use(session):
                 continue  # a live session's upload, however quiet: never ours to abort
             try:
-                if self._last_activity(session, upload) >= older_than:
-                    continue
+                last = self._last_part(upload)
+                if ours:
+                    last = max([last, *(mtime for _, _, mtime in self._objects(session + "/"))])
             except _UploadGone:
                 continue
+            if last >= older_than:
+                continue
             self.abort_upload(self.absolute(upload.key), upload.upload_id)
-            aborted += 1
-        return aborted
+            purged += 1
+        for obj in self.staging_objects():
+            if obj.mtime < older_than:
+                self.call(f"deleting {obj.key}", "delete_object", Key=self.absolute(obj.key))
+                purged += 1
+        return purged
 
-    def _last_activity(self, session: str, upload: OpenUpload) -> float:
+    def _last_part(self, upload: OpenUpload) -> float:
+        """When the upload started or last got a part."""
         last, marker = upload.initiated, {}
         while True:
             page = self.call(f"listing the parts of {upload.key}", "list_parts",
@@ -399,8 +412,5 @@ class S3UploadStaging:
             for part in page.get("Parts", []):
                 last = max(last, part["LastModified"].timestamp())
             if not page.get("IsTruncated"):
-                break
+                return last
             marker = {"PartNumberMarker": page["NextPartNumberMarker"]}
-        for _, _, mtime in self._objects(session + "/"):
-            last = max(last, mtime)
-        return last

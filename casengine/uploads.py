@@ -179,6 +179,9 @@ class PurgeReport:
     sessions: list[UploadStatus]
     bytes: int
     dry_run: bool
+    #: what dead writers left that the backend dropped: temp files; on S3 multipart
+    #: uploads and staging objects
+    leftovers: int = 0
 
 
 class Uploads:
@@ -545,7 +548,8 @@ class Uploads:
         """Sweep sessions idle longer than ``older_than`` (default: the TTL).
 
         Also removes staged bytes that no session record names (left by a crash), and lets
-        the backend drop its own abandoned state (S3 multipart uploads).
+        the backend drop what dead writers left as long ago (temp files, S3 multipart
+        uploads), which a dry run does not count.
         """
         cutoff = time.time() - (self.ttl if older_than is None else older_than)
         swept: list[UploadStatus] = []
@@ -563,12 +567,13 @@ class Uploads:
                 self._forget(rec["id"], rec)
             swept.append(UploadStatus.of(rec))
             reclaimed += rec["offset"]
+        leftovers = 0
         if not dry_run:
             self._purge_orphans(cutoff)
             index = self.engine.index
-            self.engine.backend.purge_staging(
+            leftovers = self.engine.backend.purge_staging(
                 cutoff, lambda key: index.get_upload(key.rpartition("/")[2]) is not None)
-        return PurgeReport(swept, reclaimed, dry_run)
+        return PurgeReport(swept, reclaimed, dry_run, leftovers)
 
     def _purge_orphans(self, cutoff: float) -> None:
         backend = self.engine.backend

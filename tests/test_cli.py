@@ -214,3 +214,25 @@ def test_usage_errors_exit_2(root: Path) -> None:
     assert proc.returncode == 2 and b"Traceback" not in proc.stderr
     proc = cli(root, "blob", "put", "--algorithm", "md5", "-", input=b"x")
     assert proc.returncode == 2 and b"Traceback" not in proc.stderr
+
+
+def test_uploads_ls_and_purge(root: Path) -> None:
+    with Engine.open(str(root)) as engine:
+        old = engine.uploads.start("team/app")
+        engine.uploads.append(old.id, b"x" * 1000, 0)
+        aged = {**engine.index.get_upload(old.id), "updated": 1000.0}
+        engine.index.update_upload(old.id, lambda _: aged)
+        fresh = engine.uploads.start("team/app").id
+    dead_writer = root / ".tmp" / "left-by-a-kill"
+    dead_writer.write_bytes(b"partial")
+    os.utime(dead_writer, (1000.0, 1000.0))
+    listed = json.loads(ok(cli(root, "uploads", "ls", "--json")))
+    assert sorted(s["id"] for s in listed) == sorted([old.id, fresh])
+    dry = json.loads(ok(cli(root, "uploads", "purge", "--older-than", "1h", "--dry-run",
+                            "--json")))
+    assert (dry["ids"], dry["bytes"], dry["leftovers"]) == ([old.id], 1000, 0)
+    assert dead_writer.exists()
+    out = ok(cli(root, "uploads", "purge", "--older-than", "1h"))
+    assert out.strip() == "purged 1 sessions, 1000 B; dropped 1 leftovers of dead writers"
+    assert not dead_writer.exists()
+    assert [s["id"] for s in json.loads(ok(cli(root, "uploads", "ls", "--json")))] == [fresh]

@@ -330,13 +330,18 @@ def test_purge_aborts_abandoned_uploads(engine: Engine) -> None:
     engine.index.update_upload(orphan.id, lambda _: None)
     # a first append killed before its first part landed: an upload with no parts
     b.call("crash", "create_multipart_upload", Key=b.full_key("uploads/" + "f" * 32 + "/data"))
-    assert len(b.multipart_uploads()) == 3
+    # an ingest straight to its blob's key, killed after its first part
+    ingest = b.call("crash", "create_multipart_upload", Key=b.full_key("blobs/sha256/ab/ab.raw"))
+    b.call("crash", "upload_part", Key=b.full_key("blobs/sha256/ab/ab.raw"), PartNumber=1,
+           UploadId=ingest["UploadId"], Body=os.urandom(PART))
+    assert len(b.multipart_uploads()) == 4
 
-    engine.uploads.purge(3600)
-    # the orphan's part is younger than an hour: kept for now (moto's fixed 'Initiated' of
-    # 2010 is older than any cutoff, so activity decides)
-    assert [u.key for u in b.multipart_uploads()] == [f"uploads/{orphan.id}/data"]
-    engine.uploads.purge(0)
+    assert engine.uploads.purge(3600).leftovers == 1
+    # the orphan's and the ingest's parts are younger than an hour: kept for now (moto's
+    # fixed 'Initiated' of 2010 is older than any cutoff, so activity decides)
+    assert sorted(u.key for u in b.multipart_uploads()) == [
+        "blobs/sha256/ab/ab.raw", f"uploads/{orphan.id}/data"]
+    assert engine.uploads.purge(0).leftovers == 2
     nothing_left(engine)
 
 

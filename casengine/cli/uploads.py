@@ -48,7 +48,9 @@ def purge(ctx: click.Context, older_than: str | None, dry_run: bool, as_json: bo
         report = engine.uploads.purge(age, dry_run=dry_run)
     if as_json:
         emit_json({"dry_run": report.dry_run, "sessions": len(report.sessions),
-                   "bytes": report.bytes, "ids": [s.id for s in report.sessions]})
+                   "bytes": report.bytes, "ids": [s.id for s in report.sessions],
+                   "leftovers": report.leftovers})
         return
     verb = "would purge" if dry_run else "purged"
-    click.echo(f"{verb} {len(report.sessions)} sessions, {format_size(report.bytes)}")
+    left = f"; dropped {report.leftovers} leftovers of dead writers" if report.leftovers else ""
+    click.echo(f"{verb} {len(report.sessions)} sessions, {format_size(report.bytes)}{left}")
