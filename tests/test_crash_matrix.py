@@ -54,9 +54,22 @@ def test_with_two_worker_processes_cut_off_uploads_resume(tmp_path: Path) -> Non
     assert report["counts"].get("resumed", 0) >= 1, report["counts"]
 
 
+@pytest.mark.timeout(240)
+def test_on_s3_nothing_acknowledged_is_lost_and_purge_leaves_no_multipart_upload(
+        tmp_path: Path) -> None:
+    """The same on an S3 root (moto): killed writers' multipart uploads, sessions' and
+    ingests' alike, are aborted by the sweep, and no staging object is left."""
+    report = crash_matrix.run(8, seed=20261129, root=str(tmp_path / "s3"), max_delay=0.8,
+                              s3=True)
+    assert report["lost"] == [] and report["ok"], json.dumps(report, indent=1)
+    assert report["tmp_left"] == [] and report["staged_left"] == []
+    assert report["counts"].get("chunked", 0) >= 3, report["counts"]
+
+
 def test_the_matrix_sees_a_lost_upload(tmp_path: Path) -> None:
     """The resume check can fail: a session gone though its PUT was never sent is lost."""
-    server = crash_matrix.Server(str(tmp_path / "root"), tmp_path / "serve.log")
+    server = crash_matrix.Server(crash_matrix.Store.local(str(tmp_path / "root")),
+                                 tmp_path / "serve.log")
     server.start()
     try:
         with httpx.Client(base_url=server.url, timeout=30) as c:
@@ -79,7 +92,7 @@ def test_the_matrix_sees_a_lost_upload(tmp_path: Path) -> None:
 def test_the_matrix_sees_a_lost_blob(tmp_path: Path) -> None:
     """The check above can fail: a blob removed behind the server's back is reported lost."""
     root = str(tmp_path / "root")
-    server = crash_matrix.Server(root, tmp_path / "serve.log")
+    server = crash_matrix.Server(crash_matrix.Store.local(root), tmp_path / "serve.log")
     server.start()
     try:
         image = crash_matrix._image(random.Random(1), "crash/a", "v1")

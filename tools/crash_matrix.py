@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,9 +127,67 @@ class Ledger:
             self.counts[what] = self.counts.get(what, 0) + 1
 
 
+@dataclass
+class Store:
+    """The store under test: how each casengine command is pointed at it."""
+
+    args: list[str]  #: the global options (--root, and for S3 --index and -o ...)
+    env: dict[str, str] = field(default_factory=dict)
+    root: str | None = None  #: a local root's directory
+    s3: dict[str, Any] | None = None  #: an S3 root's URL, index and Engine.open options
+
+    @classmethod
+    def local(cls, root: str) -> Store:
+        return cls(["--root", root], root=root)
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CASENGINE, *self.args, *args], capture_output=True, text=True,
+                              timeout=600, check=False, env={**os.environ, **self.env})
+
+    def leftovers(self) -> tuple[list[str], list[str]]:
+        """Temp files, and staged data (S3: open multipart uploads too), once all is swept."""
+        if self.root is not None:
+            staged = Path(self.root, "uploads")
+            return (sorted(os.listdir(Path(self.root, ".tmp"))),
+                    sorted(str(p.relative_to(self.root)) for p in staged.rglob("*")
+                           if p.is_file()) if staged.exists() else [])
+        from casengine.engine import Engine
+
+        assert self.s3 is not None
+        with Engine.open(self.s3["url"], index=self.s3["index"], **self.s3["options"]) as e:
+            return ([f"staging object {o.key}" for o in e.backend.staging_objects()],
+                    [*e.backend.list("uploads/"),
+                     *(f"multipart upload {u.key}" for u in e.backend.multipart_uploads())])
+
+
+@contextlib.contextmanager
+def s3_store(work: Path) -> Iterator[Store]:
+    """A fresh bucket on moto's S3 server, started here on loopback; the index in ``work``."""
+    import boto3
+
+    from casengine.testing.s3server import DUMMY_CREDENTIALS, moto_server
+
+    region = "us-east-1"
+    with moto_server() as endpoint:
+        bucket = f"crash-{os.urandom(6).hex()}"
+        boto3.client("s3", endpoint_url=endpoint, region_name=region,
+                     aws_access_key_id=DUMMY_CREDENTIALS["key"],
+                     aws_secret_access_key=DUMMY_CREDENTIALS["secret"]).create_bucket(Bucket=bucket)
+        index = str(work / "index")
+        # 5 MiB parts, S3's smallest: uploads of a few MiB then span parts and tails
+        options = {"endpoint_url": endpoint, **DUMMY_CREDENTIALS, "part_size": str(5 << 20)}
+        args = ["--root", f"s3://{bucket}/root", "--index", index]
+        for key, value in options.items():
+            args += ["-o", f"{key}={value}"]
+        env = {"AWS_DEFAULT_REGION": region, "AWS_ACCESS_KEY_ID": DUMMY_CREDENTIALS["key"],
+               "AWS_SECRET_ACCESS_KEY": DUMMY_CREDENTIALS["secret"]}
+        yield Store(args, env, s3={"url": f"s3://{bucket}/root", "index": index, "options": {
+            **options, "part_size": 5 << 20, "client_kwargs": {"region_name": region}}})
+
+
 class Server:
-    def __init__(self, root: str, log: Path, workers: int = 1) -> None:
-        self.root, self.log, self.workers = root, log, workers
+    def __init__(self, store: Store, log: Path, workers: int = 1) -> None:
+        self.store, self.log, self.workers = store, log, workers
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -137,10 +196,10 @@ class Server:
         self.url = f"http://{HOST}:{port}"
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [*CASENGINE, "--root", self.root, "serve", "--host", HOST, "--port", str(port),
+                [*CASENGINE, *self.store.args, "serve", "--host", HOST, "--port", str(port),
                  "--workers", str(self.workers)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                start_new_session=True, env={**os.environ, **self.store.env})
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and self.proc.poll() is None:
             with contextlib.suppress(httpx.HTTPError):
@@ -353,16 +412,25 @@ def age(root: str, seconds: float) -> None:
             os.utime(path, (st.st_atime - seconds, st.st_mtime - seconds))
 
 
-def cli(root: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CASENGINE, "--root", root, *args], capture_output=True, text=True,
-                          timeout=600, check=False)
-
-
 def run(iterations: int, seed: int, root: str, *, clients: int = 3, max_delay: float = 1.0,
-        gc_chance: float = 0.3, workers: int = 1, log: Any = None) -> dict[str, Any]:
+        gc_chance: float = 0.3, workers: int = 1, s3: bool = False,
+        log: Any = None) -> dict[str, Any]:
+    """The matrix on a local root at ``root``, or (``s3``) on moto's S3 with the index and
+    the server's log next to ``root``."""
+    if not s3:
+        return _run(iterations, seed, Store.local(root), Path(root), clients=clients,
+                    max_delay=max_delay, gc_chance=gc_chance, workers=workers, log=log)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with s3_store(Path(root)) as store:
+        return _run(iterations, seed, store, Path(root), clients=clients, max_delay=max_delay,
+                    gc_chance=gc_chance, workers=workers, log=log)
+
+
+def _run(iterations: int, seed: int, store: Store, where: Path, *, clients: int,
+         max_delay: float, gc_chance: float, workers: int, log: Any) -> dict[str, Any]:
     rng = random.Random(seed)
     ledger = Ledger()
-    server = Server(root, Path(root).parent / f"{Path(root).name}-serve.log", workers)
+    server = Server(store, where.parent / f"{where.name}-serve.log", workers)
     lost: list[str] = []
     kills = {"server": 0, "gc": 0}
     started = time.monotonic()
@@ -379,8 +447,9 @@ def run(iterations: int, seed: int, root: str, *, clients: int = 3, max_delay: f
             gc: subprocess.Popen[bytes] | None = None
             if rng.random() < gc_chance:
                 time.sleep(delay * rng.random())
-                gc = subprocess.Popen([*CASENGINE, "--root", root, "gc", "--grace", RUN_GRACE],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                gc = subprocess.Popen([*CASENGINE, *store.args, "gc", "--grace", RUN_GRACE],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      env={**os.environ, **store.env})
                 time.sleep(rng.uniform(0.05, 1.5))
             else:
                 time.sleep(delay)
@@ -409,15 +478,17 @@ def run(iterations: int, seed: int, root: str, *, clients: int = 3, max_delay: f
                 print(f"iteration {i}: {len(acks)} blob acks, {len(images)} images kept, "
                       f"{'gc, ' if gc else ''}lost {len(found)}", file=log, flush=True)
         server.stop()
-        before = json.loads(cli(root, "check", "--full", "--json").stdout)
+        before = json.loads(store.run("check", "--full", "--json").stdout)
         unexpected = [f for f in before["findings"] if f["kind"] not in UNACKNOWLEDGED]
-        age(root, ORPHAN_MIN_AGE + 60)
-        purge = cli(root, "uploads", "purge", "--older-than", "0s")
-        gc_run = cli(root, "gc", "--grace", "0s", "--orphans")
-        after = json.loads(cli(root, "check", "--full", "--json").stdout)
-        leftovers = sorted(os.listdir(Path(root, ".tmp")))
-        staged = sorted(str(p.relative_to(root)) for p in Path(root, "uploads").rglob("*")
-                        if p.is_file()) if Path(root, "uploads").exists() else []
+        if store.root is not None:
+            age(store.root, ORPHAN_MIN_AGE + 60)
+        purge = store.run("uploads", "purge", "--older-than", "0s")
+        gc_run = store.run("gc", "--grace", "0s", "--orphans")
+        after = json.loads(store.run("check", "--full", "--json").stdout)
+        # S3's objects cannot be aged: orphans younger than GC's minimum age stay, reported
+        swept = after["clean"] if store.root is not None else all(
+            f["kind"] in UNACKNOWLEDGED for f in after["findings"])
+        leftovers, staged = store.leftovers()
         server.start()
         final = verify(server.url, list(ledger.images.values()), [])
         lost += [f"final: {x}" for x in final]
@@ -433,7 +504,7 @@ def run(iterations: int, seed: int, root: str, *, clients: int = 3, max_delay: f
         "purge_exit": purge.returncode, "gc_exit": gc_run.returncode,
         "gc_output": gc_run.stdout.strip(),
         "check_after_gc": after, "tmp_left": leftovers, "staged_left": staged,
-        "ok": not lost and not unexpected and after["clean"] and not leftovers and not staged
+        "ok": not lost and not unexpected and swept and not leftovers and not staged
               and purge.returncode == 0 and gc_run.returncode == 0,
     }
 
@@ -444,13 +515,16 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1, help="server processes (all killed)")
-    parser.add_argument("--root", help="store directory (default: a fresh temp directory)")
+    parser.add_argument("--root", help="store directory (default: a fresh temp directory); "
+                        "with --s3, where the index and the server's log go")
+    parser.add_argument("--s3", action="store_true",
+                        help="an S3 root on moto's server, started here on loopback")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="crash-matrix-") as tmp:
         root = args.root or str(Path(tmp, "root"))
         report = run(args.iterations, args.seed, root, clients=args.clients,
-                     workers=args.workers, log=None if args.json else sys.stderr)
+                     workers=args.workers, s3=args.s3, log=None if args.json else sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -458,7 +532,7 @@ def main() -> int:
               f"{report['kills']['server']} server kills, {report['kills']['gc']} gc kills, "
               f"{report['counts']}; lost {len(report['lost'])}; check before gc: "
               f"{report['check_before_gc']['kinds'] or 'clean'}; after gc: "
-              f"{'clean' if report['check_after_gc']['clean'] else report['check_after_gc']}; "
+              f"{sorted({f['kind'] for f in report['check_after_gc']['findings']}) or 'clean'}; "
               f"{'OK' if report['ok'] else 'FAILED'}")
         for line in report["lost"][:20]:
             print("  lost:", line)
