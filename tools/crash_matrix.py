@@ -417,6 +417,7 @@ def run(iterations: int, seed: int, root: str, *, clients: int = 3, max_delay: f
         log: Any = None) -> dict[str, Any]:
     """The matrix on a local root at ``root``, or (``s3``) on moto's S3 with the index and
     the server's log next to ``root``."""
+    Path(root).parent.mkdir(parents=True, exist_ok=True)  # the server's log goes there
     if not s3:
         return _run(iterations, seed, Store.local(root), Path(root), clients=clients,
                     max_delay=max_delay, gc_chance=gc_chance, workers=workers, log=log)
