@@ -256,13 +256,7 @@ class Uploads:
         if marked is None or marked["offset"] != rec["offset"]:
             return False  # none, or of fewer bytes (a record recovered from the journal)
         digest = parse_digest(marked["digest"])
-        if self.engine.exists(digest):
-            return True
-        try:
-            self.engine.backend.stat(blob_key(digest, RAW))
-        except NotFound:
-            return False
-        return True
+        return self.engine.exists(digest) or self.engine.backend.exists(blob_key(digest, RAW))
 
     # -- recovery after a power cut -------------------------------------------------------
 
