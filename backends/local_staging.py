@@ -66,13 +66,12 @@ def _payload(block: bytes) -> bytes | None:
     return payload
 
 
-def _find_slots(fd: int) -> tuple[int | None, list[bytes]]:
-    """Where the file's slots are, and the payloads of the intact ones.
+def _find_slots(fd: int, size: int) -> tuple[int | None, list[bytes]]:
+    """Where the slots of the file of ``size`` bytes are, and the payloads of the intact ones.
 
     They are at the end of the file, unless a power cut tore the copy an append was moving
     them with: then the copy it moved them from, at a lower power of two, still holds.
     """
-    size = os.fstat(fd).st_size
     at = slots_past(size)
     while at >= _BLOCK:  # not FIRST_SLOTS: a file may come from a version with another
         if at + SLOTS <= size:
@@ -112,7 +111,8 @@ class LocalAppender(Appender):
                 create = os.O_CREAT if self._offset == 0 else 0
                 fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC | create, 0o644)
                 try:
-                    if os.fstat(fd).st_nlink > 1:
+                    st = os.fstat(fd)
+                    if st.st_nlink > 1:
                         # published by a commit whose end a power cut lost (or hard-linked
                         # by a backup): a write here would change the other file too
                         raise BackendError(f"the staged data of {self._key} is also linked "
@@ -122,7 +122,7 @@ class LocalAppender(Appender):
                         os.ftruncate(fd, 0)  # nothing is acknowledged yet: drop what is there
                         fsync_dir(os.path.dirname(self._path))
                     else:
-                        self._slots, _ = _find_slots(fd)
+                        self._slots, _ = _find_slots(fd, st.st_size)
                 except BaseException:
                     os.close(fd)
                     raise
@@ -239,7 +239,7 @@ class LocalUploadStaging:
                 entries: list[tuple[dict, dict]] = []
             else:
                 try:
-                    _, found = _find_slots(fd)
+                    _, found = _find_slots(fd, os.fstat(fd).st_size)
                 finally:
                     os.close(fd)
                 entries = sorted(((e["state"], e["journal"]) for e in map(json.loads, found)),

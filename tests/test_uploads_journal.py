@@ -157,8 +157,8 @@ def test_bytes_that_never_reached_the_disk_are_not_adopted(power: PowerCut) -> N
 def journal_kinds(power: PowerCut, upload_id: str) -> list[bool]:
     """Whether each of the two newest entries vouches with an xxh3 of its bytes."""
     with open(power.staged(upload_id), "rb") as f:
-        entries = sorted((json.loads(p) for p in staging._find_slots(f.fileno())[1]),
-                         key=lambda e: e["state"]["seq"])
+        _, found = staging._find_slots(f.fileno(), os.fstat(f.fileno()).st_size)
+    entries = sorted(map(json.loads, found), key=lambda e: e["state"]["seq"])
     return ["tail" in e["journal"] for e in entries]
 
 
