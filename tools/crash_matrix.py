@@ -140,6 +140,11 @@ class Store:
     def local(cls, root: str) -> Store:
         return cls(["--root", root], root=root)
 
+    def popen(self, *args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        """A casengine command on this store, running."""
+        return subprocess.Popen([*CASENGINE, *self.args, *args],
+                                env={**os.environ, **self.env}, **kwargs)
+
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*CASENGINE, *self.args, *args], capture_output=True, text=True,
                               timeout=600, check=False, env={**os.environ, **self.env})
@@ -195,11 +200,10 @@ class Server:
         port = free_port()
         self.url = f"http://{HOST}:{port}"
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [*CASENGINE, *self.store.args, "serve", "--host", HOST, "--port", str(port),
-                 "--workers", str(self.workers)],
+            self.proc = self.store.popen(
+                "serve", "--host", HOST, "--port", str(port), "--workers", str(self.workers),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, env={**os.environ, **self.store.env})
+                start_new_session=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and self.proc.poll() is None:
             with contextlib.suppress(httpx.HTTPError):
@@ -448,9 +452,8 @@ def _run(iterations: int, seed: int, store: Store, where: Path, *, clients: int,
             gc: subprocess.Popen[bytes] | None = None
             if rng.random() < gc_chance:
                 time.sleep(delay * rng.random())
-                gc = subprocess.Popen([*CASENGINE, *store.args, "gc", "--grace", RUN_GRACE],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      env={**os.environ, **store.env})
+                gc = store.popen("gc", "--grace", RUN_GRACE, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
                 time.sleep(rng.uniform(0.05, 1.5))
             else:
                 time.sleep(delay)
