@@ -7,7 +7,10 @@ What is kept (the roots and what they reach):
 - in each repository, the blobs its kept manifests reference (config, layers, children),
   and its links younger than the grace window (a push in progress);
 - every blob written or touched within the grace window (default 1 h);
-- live upload sessions (their bytes are staging, not blobs, and expire by their own TTL).
+- live upload sessions (their bytes are staging, not blobs, and expire by their own TTL),
+  and the blob a session's commit published before it died unlinked (named by the session's
+  mark, see :mod:`casengine.uploads`): the client's retried ``PUT`` links it, however late,
+  until the session expires. On S3 that blob's bytes exist nowhere else.
 
 The protocol, step by step, each deletion a compare-and-swap in one LMDB write transaction
 (LMDB serialises write transactions across threads and processes):
@@ -305,6 +308,10 @@ class Collector:
         Blob records and their reverse links are read together, a batch per short read
         transaction, so a long walk never pins old pages.
         """
+        # a mark set after this look belongs to a commit whose blob is fresh, or touched by
+        # its dedupe: the grace window keeps that one
+        marked = {rec["published"]["digest"] for rec in self.index.iter_uploads()
+                  if rec.get("published")}
         start = b""
         while True:
             with self.index.transaction() as txn:
@@ -317,7 +324,7 @@ class Collector:
                     seen += 1
                     last = key
                     record = unpack_blob(key, value)
-                    if record.touched < self.cutoff and not any(
+                    if record.touched < self.cutoff and record.digest not in marked and not any(
                             k not in dead_links if dead_links is not None else True
                             for k, _ in txn.scan("linked", key + b"\0")):
                         found.append((record.digest, record.stored_size))

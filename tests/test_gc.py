@@ -426,6 +426,46 @@ def test_expired_upload_sessions_are_swept(local: Registry) -> None:
     assert local.is_linked("app", result.digest)
 
 
+def _late_retry_of_a_commit_that_died_unlinked(reg: Registry) -> None:
+    """A commit dies between publishing and linking; GC runs long after, then the client
+    retries its PUT: the blob must still be there for the retry to link."""
+    x = layer("late-retry", 3000)
+    st = reg.start_upload("app")
+    reg.append_upload("app", st.id, x.content, 0)
+
+    def killed(_: Digest) -> None:
+        raise RuntimeError("the process died here")
+
+    with pytest.raises(RuntimeError):
+        reg.engine.uploads.commit(st.id, x.digest, published=killed)
+    assert not reg.is_linked("app", x.digest)
+    backdate(reg, 7200)
+
+    for dry_run in (True, False):
+        report = run(reg, grace=3600, dry_run=dry_run)
+        assert (report.blobs, report.uploads) == (0, 0)
+    assert stored(reg, x) == [True]
+
+    result = reg.commit_upload("app", st.id, x.digest)
+    assert (str(result.digest), result.created) == (x.digest, False)
+    assert reg.is_linked("app", x.digest)
+    assert reg.engine.read_bytes(x.digest) == x.content
+
+
+def test_a_blob_whose_commit_died_unlinked_is_kept_for_the_retry(reg: Registry) -> None:
+    _late_retry_of_a_commit_that_died_unlinked(reg)
+
+
+def test_a_blob_whose_commit_died_unlinked_is_kept_for_the_retry_on_s3(
+        tmp_path: Path, s3_url_and_options: tuple[str, dict[str, Any]]) -> None:
+    url, options = s3_url_and_options
+    engine = Engine.open(url, index=str(tmp_path / "index"), **options)
+    try:
+        _late_retry_of_a_commit_that_died_unlinked(Registry(engine))
+    finally:
+        engine.close()
+
+
 def test_expired_sessions_and_abandoned_multipart_uploads_are_swept_on_s3(
         tmp_path: Path, s3_url_and_options: tuple[str, dict[str, Any]], s3_client: Any) -> None:
     url, options = s3_url_and_options
