@@ -415,7 +415,7 @@ class Checker:
                     f = self._find(report, "dangling-link", digest,
                                    f"{repo} links {digest}, which is not stored")
                     if self.repair:
-                        reg.unlink(repo, digest)
+                        reg.unlink(repo, digest, referenced=True)
                         f.repaired = "link removed"
             with self.index.transaction() as txn:
                 entries = [(k, v) for k, v in txn.scan("referrers", f"{repo}\0".encode())]

@@ -132,6 +132,13 @@ class Conflict(CASError):
     exit_code = 6
 
 
+class InUse(CASError):
+    """A manifest still needs it (a blob a manifest references, or the manifest itself):
+    removing it would break the manifest. Delete the manifest first."""
+
+    exit_code = 6
+
+
 class OffsetMismatch(CASError):
     """A chunk that does not start where the upload stands; nothing of it was appended."""
 

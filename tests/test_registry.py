@@ -15,6 +15,7 @@ from casengine.errors import (
     BackendError,
     BlobNotFound,
     DigestMismatch,
+    InUse,
     InvalidDigest,
     ManifestBlobUnknown,
     ManifestInvalid,
@@ -475,6 +476,21 @@ def test_a_blob_is_readable_only_where_it_is_linked(reg: Registry) -> None:
         reg.read_blob("a", d)
     assert reg.engine.exists(d)  # unlink never deletes bytes
     assert not reg.engine.backend.exists(link_key("a", Digest.parse(d)))
+
+
+def test_unlink_refuses_a_blob_a_manifest_needs(reg: Registry) -> None:
+    m = simple_image("needs")
+    push(reg, "a", m, "v1")
+    for d in (m.digest, *(b.digest for b in m.blobs)):
+        with pytest.raises(InUse):
+            reg.unlink("a", d)
+        assert reg.is_linked("a", d)
+    push_blobs(reg, "b", m.blobs)  # another repository's links are its own
+    assert all(reg.unlink("b", b.digest) for b in m.blobs)
+    # a repair may drop a link all the same
+    assert reg.unlink("a", m.blobs[0].digest, referenced=True)
+    reg.delete_manifest("a", m.digest)
+    assert reg.unlink("a", m.blobs[1].digest)
 
 
 def test_mount(reg: Registry) -> None:

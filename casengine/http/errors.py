@@ -20,6 +20,9 @@ _TABLE: list[tuple[type[BaseException], int, str]] = [
     (e.SizeMismatch, 400, "SIZE_INVALID"),
     (e.QuotaExceeded, 403, "DENIED"),
     (e.Unsupported, 415, "UNSUPPORTED"),
+    # as zot answers it: the spec's 405 is for a registry that deletes nothing, and DENIED
+    # tells the client this deletion, not deletion, is refused
+    (e.InUse, 405, "DENIED"),
     (e.Conflict, 409, "BLOB_UPLOAD_INVALID"),
     # damaged stored bytes are the server's fault, never the client's: a 5xx
     (e.CorruptObject, 500, "UNKNOWN"),

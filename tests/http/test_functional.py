@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
+from casengine.gc import Collector
 from casengine.registry.manifests import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from tests.http.conftest import (
     Server,
@@ -347,6 +348,29 @@ def test_blob_delete(client: httpx.Client, server: Server, repo: str,
     # pushing it again links it again
     assert push_blob(client, repo, content) == digest
     assert client.get(f"/v2/{repo}/blobs/{digest}").content == content
+
+
+def test_blob_delete_refuses_what_a_manifest_needs(client: httpx.Client, server: Server,
+                                                  repo: str) -> None:
+    child = simple_image("needed")
+    idx = index([child])
+    push_manifest(client, repo, idx, "v1")
+    needed = [child.digest, idx.digest, *(b.digest for b in child.blobs)]
+    for digest in needed:
+        r = client.delete(f"/v2/{repo}/blobs/{digest}")
+        assert_error(r, 405, "DENIED")
+        assert "manifest" in r.json()["errors"][0]["message"]
+    # nothing was unlinked: GC keeps it all, and the image still pulls
+    with server.registry() as reg:
+        Collector(reg, grace=0).run()
+        assert all(reg.is_linked(repo, d) and reg.engine.exists(d) for d in needed)
+    assert client.get(f"/v2/{repo}/manifests/v1", headers={"Accept": idx.media_type}).content \
+        == idx.content
+    # once the manifests are gone, so is the refusal
+    assert client.delete(f"/v2/{repo}/manifests/{idx.digest}").status_code == 202
+    assert client.delete(f"/v2/{repo}/manifests/{child.digest}").status_code == 202
+    for digest in (b.digest for b in child.blobs):
+        assert client.delete(f"/v2/{repo}/blobs/{digest}").status_code == 202
 
 
 # -- mounts --------------------------------------------------------------------------------------
