@@ -184,6 +184,12 @@ def test_too_large() -> None:
     (b'"manifest"', "not a JSON object"),
     (b"2", "not a JSON object"),
     (b"null", "not a JSON object"),
+    # what Python's json takes and other clients' parsers refuse (RFC 8259)
+    (b"\xef\xbb\xbf" + IMAGE.content, "not valid JSON"),
+    (IMAGE.content.decode().encode("utf-16"), "not valid JSON"),
+    (IMAGE.content.decode().encode("utf-32-le"), "not valid JSON"),
+    (b'{"schemaVersion": 2, "x": NaN}', "NaN is not JSON"),
+    (b'{"schemaVersion": 2, "x": -Infinity}', "-Infinity is not JSON"),
 ])
 def test_malformed_documents(body: bytes, fragment: str) -> None:
     with pytest.raises(ManifestInvalid, match=fragment):
@@ -238,6 +244,8 @@ GOOD_HEX = "a" * 64
     (("layers", 0, "mediaType"), _DELETE, "layers[0] has no mediaType"),
     (("layers", 0, "mediaType"), "", "layers[0] has no mediaType"),
     (("layers", 0, "annotations"), {"a": 1}, "not a string map"),
+    (("layers", 0, "urls"), "https://example.com/l", "layers[0].urls is not a list of strings"),
+    (("layers", 0, "urls"), [1], "layers[0].urls is not a list of strings"),
     (("subject",), {"mediaType": OCI_MANIFEST, "digest": "bad", "size": 1}, "subject"),
     (("subject",), {"mediaType": OCI_MANIFEST, "digest": "sha256:" + GOOD_HEX, "size": -1},
      "subject has no valid size"),

@@ -104,10 +104,11 @@ def _descriptor(obj: Any, where: str) -> Descriptor:
         raise ManifestInvalid(f"{where}: {exc}") from exc
     annotations = _string_map(obj.get("annotations"), f"{where}.annotations")
     artifact_type = _optional_string(obj.get("artifactType"), f"{where}.artifactType")
-    urls = obj.get("urls") or ()
+    urls = obj.get("urls", [])
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise ManifestInvalid(f"{where}.urls is not a list of strings")
     platform = obj.get("platform")
-    return Descriptor(media_type, parsed, size, artifact_type, annotations,
-                      tuple(urls) if isinstance(urls, list) else (),
+    return Descriptor(media_type, parsed, size, artifact_type, annotations, tuple(urls),
                       platform if isinstance(platform, dict) else None)
 
 
@@ -145,6 +146,10 @@ def _optional_string(value: Any, where: str) -> str | None:
     return value
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_manifest(data: bytes, content_type: str | None = None, *,
                    max_size: int = DEFAULT_MAX_SIZE, algorithm: str = "sha256") -> Manifest:
     """Validate ``data`` as a manifest and return what it refers to.
@@ -155,7 +160,9 @@ def parse_manifest(data: bytes, content_type: str | None = None, *,
     if len(data) > max_size:
         raise ManifestTooLarge(f"manifest of {len(data)} bytes is over the {max_size} byte limit")
     try:
-        doc = json.loads(data)
+        # JSON as RFC 8259 has it, which other clients parse: UTF-8 without a BOM (given
+        # bytes, json.loads would also take UTF-16 and UTF-32), and no NaN or Infinity
+        doc = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
     except ValueError as exc:  # bad JSON or UTF-8, and ints of more than 4300 digits
         raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from exc
     except RecursionError:  # a few thousand nested brackets fit well within the size limit
