@@ -4,6 +4,7 @@ local root."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -366,6 +367,9 @@ def _bad_cases() -> dict[str, tuple[bytes, str | None, type[Exception], str]]:
         return encode(doc)
 
     absent_child = index([simple_image("never-pushed")])
+    pushed = oci_manifest(CFG, [LAYER])  # pushed as v0
+    wrong_child_size = json.loads(index([pushed]).content)
+    wrong_child_size["manifests"][0]["size"] = pushed.size + 1
     return {
         "unknown-blob": (encode(image_doc(CFG, [LAYER, MISSING])), OCI_MANIFEST,
                          ManifestBlobUnknown, MISSING.digest),
@@ -375,6 +379,8 @@ def _bad_cases() -> dict[str, tuple[bytes, str | None, type[Exception], str]]:
                            ManifestBlobUnknown, config("nope").digest),
         "absent-child": (absent_child.content, OCI_INDEX, ManifestBlobUnknown,
                          absent_child.children[0].digest),
+        "child-size-disagrees": (encode(wrong_child_size), OCI_INDEX, ManifestInvalid,
+                                 f"the manifest has {pushed.size}"),
         "too-large": (encode({**good, "annotations": {"pad": "x" * 5000}}), OCI_MANIFEST,
                       ManifestTooLarge, "limit"),
         "malformed-json": (encode(good)[:-5], OCI_MANIFEST, ManifestInvalid, "not valid JSON"),

@@ -359,8 +359,12 @@ class Registry:
                     f"descriptor of {blob.digest} says {blob.size} bytes, the blob has {stored}")
             refs.append(str(blob.digest))
         for child in manifest.children:
-            if self._manifest_record(repo, str(child.digest)) is None:
+            record = self._manifest_record(repo, str(child.digest))
+            if record is None:
                 raise ManifestBlobUnknown(repo, child.digest, "manifest")
+            if record.size != child.size:
+                raise ManifestInvalid(f"descriptor of {child.digest} says {child.size} bytes, "
+                                      f"the manifest has {record.size}")
             refs.append(str(child.digest))
         return tuple(dict.fromkeys(refs))
 
