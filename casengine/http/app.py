@@ -488,7 +488,8 @@ class RegistryApp:
             d = _digest(digest)
         except InvalidDigest as exc:
             raise HTTPError(400, "DIGEST_INVALID", str(exc)) from exc
-        artifact_type = request.query.get("artifactType")
+        # an empty filter names no type: everything, as if none were given
+        artifact_type = request.query.get("artifactType") or None
         found = await blocking(self.registry.referrers, name, d, artifact_type)
         headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type else {}
         await respond_json(send, 200, {"schemaVersion": 2, "mediaType": OCI_INDEX,

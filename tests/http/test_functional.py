@@ -646,6 +646,10 @@ def test_referrers(client: httpx.Client, repo: str) -> None:
     r = client.get(f"/v2/{repo}/referrers/{subject.digest}",
                    params={"artifactType": "application/vnd.none"})
     assert r.json()["manifests"] == [] and r.headers["oci-filters-applied"] == "artifactType"
+    # an empty filter names no type: everything, unfiltered
+    r = client.get(f"/v2/{repo}/referrers/{subject.digest}", params={"artifactType": ""})
+    assert {d["digest"] for d in r.json()["manifests"]} == {sbom.digest, sig.digest}
+    assert "oci-filters-applied" not in r.headers
 
     # an unknown subject has no referrers, and that is a 200
     r = client.get(f"/v2/{repo}/referrers/{digest_of(b'no such subject')}")
