@@ -455,9 +455,10 @@ class RegistryApp:
     async def manifest_put(self, request: Request, send: Send, identity: Any, name: str,
                            reference: str) -> None:
         limit = self.registry.max_manifest_size
+        too_big = HTTPError(413, "MANIFEST_INVALID", f"manifest over the {limit} byte limit")
         if (request.content_length or 0) > limit:
-            raise HTTPError(413, "MANIFEST_INVALID", f"manifest over the {limit} byte limit")
-        data = await request.body(limit)
+            raise too_big
+        data = await request.body(limit, too_big)  # a chunked body says its size at the end
         manifest = await blocking(self.registry.put_manifest, name, reference, data,
                                   request.header("content-type"))
         if self._on_manifest is not None:

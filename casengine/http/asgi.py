@@ -89,6 +89,7 @@ class Request:
             # skopeo sends each Accept type on its own line
             self.headers[name] = f"{self.headers[name]}, {value}" if name in self.headers else value
         self._more = True
+        self._asked = False  #: the body was asked for (which sends a 100 Continue, if awaited)
         self.bytes_in = 0
 
     @property
@@ -117,6 +118,7 @@ class Request:
         an empty list at the end. Joining them is left to the caller's thread."""
         parts: list[bytes] = []
         got = 0
+        self._asked = True
         while self._more and got < at_least:
             message = await self._receive()
             if message["type"] == "http.disconnect":
@@ -174,11 +176,11 @@ class Request:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def body(self, limit: int) -> bytes:
-        """The whole (small) body; more than ``limit`` bytes is an error."""
+    async def body(self, limit: int, too_big: HTTPError | None = None) -> bytes:
+        """The whole (small) body; more than ``limit`` bytes raises ``too_big``."""
         data = b"".join(await self._take(limit + 1))
         if len(data) > limit:
-            raise HTTPError(413, "SIZE_INVALID", f"body over the {limit} byte limit")
+            raise too_big or HTTPError(413, "SIZE_INVALID", f"body over the {limit} byte limit")
         return data
 
     async def drain(self) -> None:
@@ -187,7 +189,11 @@ class Request:
 
     async def drain_quietly(self, limit: int = 1 << 20) -> None:
         """Read what is left of a small body before an error reply; a large one is left to
-        the connection's close (reading gigabytes to refuse them helps nobody)."""
+        the connection's close (reading gigabytes to refuse them helps nobody). A client
+        that awaits a ``100 Continue`` before it sends the body gets none: the refusal
+        comes first, and the body is never sent (RFC 9110 10.1.1)."""
+        if not self._asked and "100-continue" in (self.header("expect") or "").lower():
+            return
         try:
             while self._more and self.bytes_in < limit:
                 await self._take(BODY_BATCH)
