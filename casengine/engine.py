@@ -46,6 +46,7 @@ from casengine.errors import (
     SizeMismatch,
 )
 from casengine.index import BlobRecord, Index, LmdbIndex, Txn, unpack_blob
+from casengine.index_binding import ensure_bound
 from casengine.ingest import CHUNK, POOL, BufferPool, Source, WritePipeline, open_source
 from casengine.layout import RAW, ZST, blob_key
 from casengine.leases import is_live, new_lease
@@ -119,6 +120,12 @@ class Engine:
                     "--index PATH or CASENGINE_INDEX"
                 )
         except BaseException:
+            backend.close()
+            raise
+        try:
+            ensure_bound(backend, idx, path or "a temporary directory")
+        except BaseException:
+            idx.close()
             backend.close()
             raise
         return cls(backend, idx, compression=compression)

@@ -48,6 +48,7 @@ TABLES = (
     "quotas",  # namespace prefix -> limit in bytes
     "locks",  # name -> lease of the process holding it (one GC at a time)
     "transcodes",  # source digest \0 zstd:level -> converted layer (JSON; a cache)
+    "meta",  # name -> facts about the index itself (casengine.index_binding)
 )
 
 

@@ -25,6 +25,7 @@ from casengine.backend import Backend
 from casengine.digest import Digest
 from casengine.errors import CASError
 from casengine.index import BlobRecord, LmdbIndex
+from casengine.index_binding import bind
 from casengine.layout import BLOBS, REPOSITORIES, ZST, parse_blob_key
 from casengine.registry.manifests import parse_manifest
 from casengine.seekable import read_table
@@ -128,6 +129,7 @@ def rebuild(backend: Backend, index_path: str, *, progress: Progress | None = No
                     else:
                         report.skipped.append(f"{name}:{tag} -> {digest}")
             progress("repositories", 1)
+        bind(index)
     finally:
         index.close()
     old = f"{index_path.rstrip('/')}.old-{int(time.time())}"

@@ -628,15 +628,23 @@ def listings(store: Store) -> dict[str, Any]:
 
 
 def test_deleted_index(world: World, cli: Callable[..., Run]) -> None:
-    """The index directory deleted: check sees every object as an orphan (nothing is
-    recorded); ``casengine reindex`` brings back the same answers, and check passes."""
+    """The index directory deleted: a fresh index would take every object for an orphan,
+    which gc --orphans and check --repair act on, so every command but reindex refuses it
+    (exit 8; check's own 2) and says how to recover; ``casengine reindex`` brings back the same answers,
+    and check passes."""
     store = world.store
     before = listings(store)
+    objects = store.keys("")
     shutil.rmtree(store.index)
 
-    report = check(store)  # on a fresh, empty index
-    assert kinds(report) == sorted(("orphan-object", d) for d in world.blobs)
-    shutil.rmtree(store.index)
+    for args, code in ((["check", "--repair"], 2),  # check's own code for "it failed"
+                       (["gc", "--orphans", "--grace", "0"], 8),
+                       (["uploads", "purge", "--older-than", "0s"], 8), (["blob", "ls"], 8)):
+        run = cli(store, *args)
+        assert run.code == code, (args, run.err)
+        assert "is new, but the store holds objects" in run.err and "reindex" in run.err
+        assert run.out == ""
+    assert store.keys("") == objects  # nothing was deleted or quarantined
 
     run = cli(store, "reindex", "--json")
     assert run.code == 0, run.err
