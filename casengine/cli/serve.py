@@ -74,7 +74,7 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
                            "pip install 'casengine[server]'") from exc
     from casengine.errors import ConfigError
     from casengine.http.protocol import ZeroCopyProtocol
-    from casengine.http.server import ENV, ServeSettings, build_app
+    from casengine.http.server import ENV, MASTER_ENV, ServeSettings, build_app
 
     if not auth_file and not insecure and not _is_loopback(host):
         raise ConfigError(f"refusing to serve {host} without --auth: anyone who can reach it "
@@ -100,5 +100,6 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
     else:
         build_app(settings).registry.engine.close()  # fail early here too
         os.environ[ENV] = settings.to_env()
+        os.environ[MASTER_ENV] = str(os.getpid())
         uvicorn.run("casengine.http.server:app_from_env", factory=True, workers=workers,
                     **common)

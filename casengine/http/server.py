@@ -13,17 +13,22 @@ import json
 import logging
 import os
 import queue
+import signal
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from casengine.http.app import RegistryApp
+from casengine.ingest import linux_call
 from casengine.registry.names import is_digest
 
 if TYPE_CHECKING:
     from casengine.registry import Manifest, Registry
 
 ENV = "CASENGINE_SERVE_SETTINGS"
+#: The pid of the process that starts the workers, in their environment.
+MASTER_ENV = "CASENGINE_SERVE_MASTER"
+_PR_SET_PDEATHSIG = 1
 log = logging.getLogger("casengine.http")
 
 
@@ -207,6 +212,24 @@ class TranscodeOnPush:
         self._thread.join(timeout)
 
 
+def die_with_master() -> bool:
+    """Have the kernel stop this worker (SIGTERM, so it finishes its requests) when the
+    master dies; return whether it will.
+
+    A master killed with ``kill -9`` cannot stop its workers: they went on serving the
+    port, writing to the root, and a restart could not bind the port.
+    """
+    master = os.environ.get(MASTER_ENV)
+    prctl = linux_call("prctl", ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                       ctypes.c_ulong)
+    if master is None or prctl is None or prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0):
+        return False
+    if os.getppid() != int(master):  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
 def app_from_env() -> RegistryApp:
     """The uvicorn factory for worker processes."""
+    die_with_master()
     return build_app(ServeSettings.from_env())

@@ -142,8 +142,10 @@ def compressed(root: str, digest: str, timeout: float = 60.0) -> None:
 def start_server(root: str, log_dir: Path, *, index: str | None = None,
                  options: dict[str, str] | None = None, args: tuple[str, ...] = (),
                  env: dict[str, str] | None = None,
-                 engine_options: dict[str, Any] | None = None) -> Server:
-    """Start ``casengine serve`` on a free loopback port; return once ``/v2/`` answers.
+                 engine_options: dict[str, Any] | None = None,
+                 port: int | None = None) -> Server:
+    """Start ``casengine serve`` on ``port`` or a free loopback port; return once ``/v2/``
+    answers.
 
     ``options`` are the ``-o KEY=VALUE`` storage options of the command line (strings);
     ``engine_options`` what this process passes to :meth:`Engine.open` for the same root.
@@ -156,8 +158,9 @@ def start_server(root: str, log_dir: Path, *, index: str | None = None,
     full_env = {**os.environ, "CASENGINE_ROOT": root, **(env or {})}
     full_env.pop("CASENGINE_INDEX", None)
     last_log = ""
+    fixed = port
     for _ in range(3):
-        port = free_port(HOST)
+        port = fixed or free_port(HOST)
         log = log_dir / f"serve-{port}-{uuid.uuid4().hex[:6]}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(

@@ -4,6 +4,9 @@ request."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from tests.http.conftest import (
     open_uploads,
     push_manifest,
     start_server,
+    wait_until,
 )
 from tests.registry_helpers import data, simple_image
 
@@ -84,3 +88,41 @@ def test_upload_moves_between_processes(client: httpx.Client, server: Server,
         assert r.status_code == 200 and r.content == content
     with server.registry() as reg:
         assert open_uploads(reg, repo) == []
+
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"  # dead, waiting for a parent to reap it
+
+
+def test_workers_stop_when_their_master_is_killed(server: Server, log_dir: Path) -> None:
+    """kill -9 of the master must not leave its workers serving the port: a restart on
+    the same port must work."""
+    s = start_server(server.root, log_dir, args=("--workers", "2"))
+    workers = wait_until(lambda: len(kids := _children(s.pid)) >= 2 and kids)
+    assert workers, "the workers did not start"
+    s.proc.kill()
+    s.proc.wait()
+    try:
+        assert wait_until(lambda: all(_gone(p) for p in workers), timeout=15), \
+            "the workers outlived their master"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(s.pid, signal.SIGKILL)  # whatever outlived it (its own session)
+    start_server(server.root, log_dir, args=("--workers", "2"), port=s.port).stop()
