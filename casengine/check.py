@@ -410,13 +410,22 @@ class Checker:
             with self.index.transaction() as txn:
                 links = [k.split(b"\0", 1)[1].decode()
                          for k, _ in txn.scan("links", f"{repo}\0".encode())]
+            needed = {r for m in manifests.values() for r in (m.digest, *m.refs)}
             for digest in links:
-                if not self.engine.exists(digest):
-                    f = self._find(report, "dangling-link", digest,
-                                   f"{repo} links {digest}, which is not stored")
-                    if self.repair:
-                        reg.unlink(repo, digest, referenced=True)
-                        f.repaired = "link removed"
+                if self.engine.exists(digest):
+                    continue
+                if digest in needed:
+                    # the link stays: without it GC would take the bytes once restored
+                    self._find(report, "dangling-link", digest,
+                               f"{repo} links {digest}, which is not stored and a manifest "
+                               "needs: restore the blob (e.g. from a backup), then run "
+                               "check --repair")
+                    continue
+                f = self._find(report, "dangling-link", digest,
+                               f"{repo} links {digest}, which is not stored")
+                if self.repair:
+                    reg.unlink(repo, digest)
+                    f.repaired = "link removed"
             with self.index.transaction() as txn:
                 entries = [(k, v) for k, v in txn.scan("referrers", f"{repo}\0".encode())]
             for k, _ in entries:

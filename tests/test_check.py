@@ -344,9 +344,10 @@ def assert_affected(world: World, affected: list[str], digest: str) -> None:
 
 def assert_only_lost(world: World, report: CheckReport, lost: set[str]) -> None:
     """Clean apart from images that really lost data: every finding is a ``missing-blob``
-    of a lost digest, and each lost digest is reported with every image that needs it."""
+    of a lost digest (or its link, kept for a restore), and each lost digest is reported
+    with every image that needs it."""
     for f in report.findings:
-        assert f.kind == "missing-blob" and f.digest in lost, f
+        assert f.kind in ("missing-blob", "dangling-link") and f.digest in lost, f
     for digest in lost:
         named = {r for f in report.findings if f.digest == digest for r in f.affected}
         assert_affected(world, sorted(named), digest)
@@ -481,10 +482,21 @@ def test_manifest_referencing_a_missing_blob(world: World, cli: Callable[..., Ru
 
     run = cli(store, "check", *WORKERS, "--repair", "--json")
     assert run.code == 1
-    assert one(run.json, "dangling-link", gone)["repaired"] == "link removed"
+    # the link stays: the manifest needs it, and the bytes may come back from a backup
+    assert one(run.json, "dangling-link", gone)["repaired"] is None
+    assert "restore" in one(run.json, "dangling-link", gone)["detail"]
     assert one(run.json, "missing-blob", gone)["repaired"] is None  # reported: the image is lost
 
     recheck(world, {gone})
+
+    # the bytes restored from a backup: re-indexed, still linked, and GC keeps them
+    store.put(world.key(gone), world.blobs[gone])
+    run = cli(store, "check", *WORKERS, "--repair", "--json")
+    assert run.code == 0, run.json
+    assert kinds(run.json) == [("orphan-object", gone)]
+    run = cli(store, "gc", "--grace", "0", "--json")
+    assert run.code == 0 and run.json["blobs"] == 0
+    recheck(world)
 
 
 def test_manifest_whose_blob_record_was_deleted(world: World, cli: Callable[..., Run]) -> None:

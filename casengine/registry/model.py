@@ -212,18 +212,17 @@ class Registry:
         self.stat_blob(repo, digest)
         return self.engine.open_file(digest)
 
-    def unlink(self, repo: str, digest: str | Digest, *, referenced: bool = False) -> bool:
+    def unlink(self, repo: str, digest: str | Digest) -> bool:
         """Remove the blob from ``repo`` (the bytes stay for GC); False if it was not there.
 
         A blob a manifest of ``repo`` references, or a manifest's own digest, is refused with
         :class:`InUse`: without its link the manifest could not be pulled, and GC would
-        take bytes it needs. ``referenced`` removes the link anyway (a repair, for a link
-        whose bytes are gone).
+        take bytes it needs.
         """
         d = parse_digest(digest)
         self._for_read(check_name(repo))
         with self.index.transaction(write=True) as txn:
-            if not referenced and txn.get("refs", _k(repo, str(d))) is not None:
+            if txn.get("refs", _k(repo, str(d))) is not None:
                 if txn.get("manifests", _k(repo, str(d))) is not None:
                     raise InUse(f"{d} is a manifest of {repo}: delete it as a manifest")
                 raise InUse(f"{d} is referenced by a manifest of {repo}: delete the "
