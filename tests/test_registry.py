@@ -497,6 +497,17 @@ def test_unlink_refuses_a_blob_a_manifest_needs(reg: Registry) -> None:
     assert all(reg.unlink("a", b.digest) for b in m.blobs)
 
 
+def test_an_index_child_is_deleted_only_after_its_index(reg: Registry) -> None:
+    child = simple_image("child")
+    idx = index([child])
+    push(reg, "a", idx, "v1")
+    with pytest.raises(InUse, match="child of an index"):
+        reg.delete_manifest("a", child.digest)
+    assert reg.tag_map("a") == {"v1": idx.digest}
+    assert reg.resolve("a", child.digest).digest == child.digest
+    assert reg.delete_manifest("a", idx.digest) and reg.delete_manifest("a", child.digest)
+
+
 def test_mount(reg: Registry) -> None:
     data = b"base layer" * 1000
     d = _digest(reg.ingest_blob("team/a", data).digest)

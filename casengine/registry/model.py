@@ -428,6 +428,8 @@ class Registry:
                         guard: Callable[[Txn], bool] | None = None) -> bool:
         """Delete a manifest by digest, with the tags that point at it.
 
+        A manifest another one of ``repo`` needs (an index's child) is refused with
+        :class:`InUse`: the index could no longer be pulled.
         ``guard`` (garbage collection's) runs inside the deleting transaction and may veto
         by returning False; then nothing changes. Returns whether the manifest was deleted.
         """
@@ -435,12 +437,15 @@ class Registry:
         record = self.resolve(repo, d)
         if guard is None:
             with self.index.transaction() as txn:
+                _refuse_if_needed(txn, repo, d)
                 tags = [k.split(b"\0", 1)[1].decode() for k, v in txn.scan("tags", _k(repo, ""))
                         if v.decode() == d]
             for tag in tags:
                 self.delete_tag(repo, tag)
         with self.index.transaction(write=True) as txn:
-            if guard is not None and not guard(txn):
+            if guard is None:
+                _refuse_if_needed(txn, repo, d)  # again: an index may have come meanwhile
+            elif not guard(txn):
                 return False
             if not txn.delete("manifests", _k(repo, d)):
                 return False
@@ -516,6 +521,14 @@ def add_link(txn: Txn, repo: str, digest: str) -> None:
 
 def link_time(value: bytes) -> float:
     return _TIME.unpack(value)[0] if len(value) == _TIME.size else 0.0
+
+
+def _refuse_if_needed(txn: Txn, repo: str, digest: str) -> None:
+    """Raise InUse if a manifest of ``repo`` other than ``digest`` itself references it."""
+    refs = txn.get("refs", _k(repo, digest))
+    if refs is not None and _REF.unpack(refs)[0] > 1:
+        raise InUse(f"{digest} is part of another manifest of {repo} (a child of an index): "
+                    "delete that one first")
 
 
 def _record_json(r: ManifestRecord) -> dict[str, Any]:

@@ -350,7 +350,7 @@ def test_blob_delete(client: httpx.Client, server: Server, repo: str,
     assert client.get(f"/v2/{repo}/blobs/{digest}").content == content
 
 
-def test_blob_delete_refuses_what_a_manifest_needs(client: httpx.Client, server: Server,
+def test_delete_refuses_what_a_manifest_needs(client: httpx.Client, server: Server,
                                                   repo: str) -> None:
     child = simple_image("needed")
     idx = index([child])
@@ -366,6 +366,9 @@ def test_blob_delete_refuses_what_a_manifest_needs(client: httpx.Client, server:
         assert all(reg.is_linked(repo, d) and reg.engine.exists(d) for d in needed)
     assert client.get(f"/v2/{repo}/manifests/v1", headers={"Accept": idx.media_type}).content \
         == idx.content
+    # the child goes after its index, not before
+    assert_error(client.delete(f"/v2/{repo}/manifests/{child.digest}"), 405, "DENIED")
+    assert client.get(f"/v2/{repo}/manifests/{child.digest}").status_code == 200
     # once the manifests are gone, so is the refusal
     assert client.delete(f"/v2/{repo}/manifests/{idx.digest}").status_code == 202
     assert client.delete(f"/v2/{repo}/manifests/{child.digest}").status_code == 202
