@@ -12,6 +12,7 @@ import pytest
 
 from casengine.engine import Engine
 from casengine.errors import BlobNotFound, ConfigError, IntegrityError, InvalidInput
+from casengine.registry import Registry
 from tests.helpers import MIB, casengine_command, digest_of, ok, one_line_error, run_cli
 
 
@@ -130,6 +131,37 @@ def test_rm(root: Path) -> None:
     assert digest in err
     one_line_error(cli(root, "blob", "get", digest), 3)
     assert json.loads(ok(cli(root, "blob", "ls", "--json"))) == []
+
+
+def test_rm_refuses_a_blob_repositories_link(root: Path) -> None:
+    digest = ok(cli(root, "blob", "put", "-", input=b"a layer")).strip()
+    with Engine.open(str(root)) as engine:
+        Registry(engine).link("team/app", digest)
+    err = one_line_error(cli(root, "blob", "rm", digest), 6)
+    assert "team/app" in err and "--force" in err
+    assert ok(cli(root, "blob", "get", digest)).encode() == b"a layer"
+    assert ok(cli(root, "blob", "rm", "--force", digest)) == ""
+    one_line_error(cli(root, "blob", "get", digest), 3)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_get_refuses_damaged_bytes(root: Path, tmp_path: Path, damage: str) -> None:
+    data = os.urandom(300_000)
+    digest = ok(cli(root, "--compression", "never", "blob", "put", "-", input=data)).strip()
+    hexdigest = digest.split(":", 1)[1]
+    stored = root / "blobs" / "sha256" / hexdigest[:2] / f"{hexdigest}.raw"
+    damaged = bytearray(data)
+    if damage == "flip":
+        damaged[1234] ^= 1
+    else:
+        del damaged[100_000:]
+    stored.write_bytes(damaged)
+    out = tmp_path / "out.bin"
+    err = one_line_error(cli(root, "blob", "get", digest, "-o", str(out)), 5)
+    assert "damaged" in err and "check" in err
+    assert not out.exists()
+    run = cli(root, "blob", "get", digest)  # to stdout: written, then refused
+    assert run.returncode == 5 and "not the blob" in run.stderr.decode()
 
 
 def test_environment_names_the_root_and_the_index(tmp_path: Path) -> None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import sys
+import tempfile
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import click
 
@@ -39,12 +44,52 @@ def put(ctx: click.Context, file: str, expected: str | None, algorithm: str, as_
               help="Write to this file instead of stdout.")
 @click.pass_context
 def get(ctx: click.Context, digest: str, output: str) -> None:
-    """Write the bytes of DIGEST to stdout or a file."""
+    """Write the bytes of DIGEST to stdout or a file, verified on the way (exit code 5, and
+    no file, if the stored bytes are damaged)."""
+    from casengine.digest import Hasher, parse_digest
+    from casengine.errors import CorruptObject
+
+    expected = parse_digest(digest)
     with engine_from(ctx) as engine:
-        chunks = engine.read(digest)
-        with click.open_file(output, "wb", atomic=output != "-") as out:
+        chunks = engine.read(expected)
+        hasher = Hasher(expected.algorithm)
+        with _output(output) as out:
             for chunk in chunks:
+                hasher.update(chunk)
                 out.write(chunk)
+            if hasher.digest() != expected:
+                raise CorruptObject(
+                    f"the stored bytes of {expected} ({hasher.size} bytes) hash to "
+                    f"{hasher.digest()}: the blob is damaged; run 'casengine check'"
+                    + (" (what was written to stdout is not the blob)" if output == "-" else ""))
+
+
+@contextlib.contextmanager
+def _output(path: str) -> Iterator[BinaryIO]:
+    """stdout for ``-``; else a temporary file beside ``path``, renamed onto it only if the
+    block succeeds, so a failed get leaves no file (click's atomic files keep theirs)."""
+    if path == "-":
+        yield sys.stdout.buffer
+        return
+    from casengine.errors import BackendError
+
+    target = os.path.abspath(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.",
+                                   dir=os.path.dirname(target))
+    except OSError as exc:
+        raise BackendError(f"cannot write {path}: {exc.strerror}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would have made it, not mkstemp's 0600
+        with os.fdopen(fd, "wb") as out:
+            yield out
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 @blob.command()
@@ -64,14 +109,26 @@ def stat(ctx: click.Context, digest: str, as_json: bool) -> None:
 
 @blob.command()
 @click.argument("digest")
+@click.option("--force", is_flag=True,
+              help="Delete it even if repositories link it (their images break).")
 @click.pass_context
-def rm(ctx: click.Context, digest: str) -> None:
-    """Delete DIGEST (exit code 3 if it is not stored)."""
-    from casengine.errors import BlobNotFound
+def rm(ctx: click.Context, digest: str, force: bool) -> None:
+    """Delete DIGEST (exit code 3 if it is not stored, 6 if repositories link it)."""
+    from casengine.digest import parse_digest
+    from casengine.errors import BlobNotFound, InUse
 
+    d = str(parse_digest(digest))
     with engine_from(ctx) as engine:
-        if not engine.delete(digest):
-            raise BlobNotFound(digest)
+        if not force:
+            with engine.index.transaction() as txn:
+                repos = [k.split(b"\0", 1)[1].decode()
+                         for k, _ in txn.scan("linked", f"{d}\0".encode())]
+            if repos:
+                shown = ", ".join(repos[:3]) + (f" and {len(repos) - 3} more" if len(repos) > 3 else "")
+                raise InUse(f"{d} is linked in {shown}: delete what uses it there (or pass "
+                            "--force; their images then break)")
+        if not engine.delete(d):
+            raise BlobNotFound(d)
 
 
 @blob.command()
