@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -577,4 +578,12 @@ def backend_class(scheme: str) -> type[Backend]:
 def open_backend(url: str, **storage_options: Any) -> Backend:
     """Open the backend for ``url``; ``storage_options`` go to the backend unchanged."""
     scheme, _ = split_scheme(url)
-    return backend_class(scheme)(url, **storage_options)
+    cls = backend_class(scheme)
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(storage_options) - set(params))
+        if unknown:
+            known = sorted(set(params) - {"url"})
+            raise ConfigError(f"unknown storage option {', '.join(unknown)} for a {scheme}:// "
+                              f"root (it takes {', '.join(known) or 'none'})")
+    return cls(url, **storage_options)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import stat
 import subprocess
 import time
@@ -730,6 +731,18 @@ def test_serve_insecure_or_auth_gets_past_the_check(tmp_path: Path, flag: str) -
     code, out = _serve(tmp_path, "--host", "192.0.2.1", "--port", "5999", *args)
     assert "refusing" not in out and "--insecure" not in out, out
     assert code != 0  # 192.0.2.1 is a documentation address: binding it fails
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_a_taken_port_fails_clearly(tmp_path: Path, workers: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        code, out = _serve(tmp_path, "--port", port, "--workers", workers)
+    assert code == 8, out
+    assert out.strip() == f"casengine: error: cannot listen on 127.0.0.1:{port}: " \
+                          "Address already in use"
 
 
 def test_serve_with_a_missing_credentials_file_fails_clearly(tmp_path: Path) -> None:

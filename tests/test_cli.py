@@ -268,3 +268,11 @@ def test_uploads_ls_and_purge(root: Path) -> None:
     assert out.strip() == "purged 1 sessions, 1000 B; dropped 1 leftovers of dead writers"
     assert not dead_writer.exists()
     assert [s["id"] for s in json.loads(ok(cli(root, "uploads", "ls", "--json")))] == [fresh]
+
+
+@pytest.mark.parametrize("url", ["local", "memory://"])
+def test_an_unknown_storage_option_is_a_configuration_error(tmp_path: Path, url: str) -> None:
+    root = str(tmp_path / "store") if url == "local" else url
+    run = run_cli(["--root", root, "-o", "bogus=1", "blob", "ls"], cwd=tmp_path)
+    err = one_line_error(run, 8)
+    assert "unknown storage option bogus" in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 
 import click
 
@@ -82,6 +83,7 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
                           "or pass --insecure if something in front of it authenticates")
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
+    _check_listen(host, port)
     s: Settings = ctx.find_object(Settings)
     from casengine.units import parse_duration
 
@@ -103,3 +105,17 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
         os.environ[MASTER_ENV] = str(os.getpid())
         uvicorn.run("casengine.http.server:app_from_env", factory=True, workers=workers,
                     **common)
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Fail with a clear error, before the store is opened, where the port is taken:
+    uvicorn would log the error and exit 3, the code for "not found"."""
+    from casengine.errors import ConfigError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
