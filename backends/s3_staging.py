@@ -403,14 +403,24 @@ class S3UploadStaging:
                 purged += 1
         return purged
 
+    def staged_bytes(self, key: str, state: dict) -> int:
+        total = sum(size for _, size, _ in self._objects(key + "/"))
+        for upload in self.multipart_uploads(check_key(key) + "/"):
+            with contextlib.suppress(_UploadGone):  # completed or aborted meanwhile
+                total += sum(part["Size"] for part in self._parts(upload))
+        return total
+
     def _last_part(self, upload: OpenUpload) -> float:
         """When the upload started or last got a part."""
-        last, marker = upload.initiated, {}
+        return max([upload.initiated,
+                    *(p["LastModified"].timestamp() for p in self._parts(upload))])
+
+    def _parts(self, upload: OpenUpload) -> Iterator[dict]:
+        marker: dict = {}
         while True:
             page = self.call(f"listing the parts of {upload.key}", "list_parts",
                              Key=self.absolute(upload.key), UploadId=upload.upload_id, **marker)
-            for part in page.get("Parts", []):
-                last = max(last, part["LastModified"].timestamp())
+            yield from page.get("Parts", [])
             if not page.get("IsTruncated"):
-                return last
+                return
             marker = {"PartNumberMarker": page["NextPartNumberMarker"]}

@@ -302,6 +302,17 @@ class Backend(ABC):
         for k in list(self.list(key + "/")):
             self.delete(k)
 
+    def staged_bytes(self, key: str, state: dict) -> int:
+        """What the staged data under ``key`` takes, that of unfinished appends included:
+        what :meth:`discard_upload` would free. An upload sweep reports it."""
+        total = 0
+        for k in list(self.list(key + "/")):
+            try:
+                total += self.stat(k).size
+            except NotFound:
+                pass  # discarded meanwhile
+        return total
+
     def purge_staging(self, older_than: float,
                       in_use: Callable[[str], bool] = lambda key: False) -> int:
         """Drop abandoned staging state only the backend can see (S3: multipart uploads
@@ -445,6 +456,9 @@ class BackendWrapper(Backend):
 
     def discard_upload(self, key: str, state: dict) -> None:
         self.inner.discard_upload(key, state)
+
+    def staged_bytes(self, key: str, state: dict) -> int:
+        return self.inner.staged_bytes(key, state)
 
     def purge_staging(self, older_than: float,
                       in_use: Callable[[str], bool] = lambda key: False) -> int:

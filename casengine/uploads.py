@@ -558,9 +558,10 @@ class Uploads:
                     continue
                 if rec["updated"] > cutoff:
                     continue  # touched meanwhile
+            reclaimed += self._staged_bytes(rec)
+            if not dry_run:
                 self._forget(rec["id"], rec)
             swept.append(UploadStatus.of(rec))
-            reclaimed += rec["offset"]
         leftovers = 0
         if not dry_run:
             self._purge_orphans(cutoff)
@@ -568,6 +569,15 @@ class Uploads:
             leftovers = self.engine.backend.purge_staging(
                 cutoff, lambda key: index.get_upload(key.rpartition("/")[2]) is not None)
         return PurgeReport(swept, reclaimed, dry_run, leftovers)
+
+    def _staged_bytes(self, rec: dict) -> int:
+        """What the session's staging takes: at least its acknowledged bytes, more where a
+        cut-off append left some past them."""
+        try:
+            staged = self.engine.backend.staged_bytes(upload_key(rec["id"]), rec["backend"])
+        except BackendError:
+            staged = 0
+        return max(staged, rec["offset"])
 
     def _purge_orphans(self, cutoff: float) -> None:
         backend = self.engine.backend
