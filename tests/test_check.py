@@ -893,6 +893,10 @@ def test_repo_limits_the_scope(local_world: World, cli: Callable[..., Run]) -> N
     everything = check(store)
     assert {k for k, _ in kinds(everything)} == {"corrupt", "dangling-tag", "tag-record",
                                                  "orphan-object"}
+    # a pattern that matches nothing is a mistake, not a clean bill of health
+    none = cli(store, "check", *WORKERS, "--repo", "tema/*")
+    assert (none.code, none.out) == (2, "")
+    assert none.err == "casengine: check failed: no repository matches 'tema/*'\n"
 
 
 def _stop_after_first_blob(reg: Registry) -> CheckReport:
