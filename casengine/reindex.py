@@ -7,8 +7,9 @@ built again, into a fresh directory that then replaces the old one. Run it with 
 registry stopped. A ``.zst`` blob's logical size comes from its seek table (one small
 ranged read); an object whose table is unreadable is skipped, and ``casengine check``
 reports it as an orphan. Blob records come back without their xxh3 (the next ``casengine check``
-computes it); upload sessions do not come back (their staged bytes are purged as orphans);
-quotas are not stored in the backend and must be set again.
+computes it); upload sessions do not come back (their staged bytes are purged as orphans).
+Quotas live only in the index: they are carried over from the old one where it can still be
+read, and must be set again where it is lost.
 """
 
 from __future__ import annotations
@@ -44,11 +45,29 @@ class ReindexReport:
     tags: int = 0
     links: int = 0
     skipped: list[str] | None = None
+    quotas: int = 0  #: carried over from the old index
 
     def to_json(self) -> dict:
         return {"blobs": self.blobs, "repositories": self.repositories,
                 "manifests": self.manifests, "tags": self.tags, "links": self.links,
-                "skipped": self.skipped or []}
+                "quotas": self.quotas, "skipped": self.skipped or []}
+
+
+def _old_quotas(index_path: str) -> list[tuple[bytes, bytes]]:
+    """The quotas of the index being replaced, where it exists and can be read."""
+    if not os.path.exists(os.path.join(index_path, "data.mdb")):
+        return []
+    try:
+        old = LmdbIndex(index_path)
+    except CASError:
+        return []
+    try:
+        with old.transaction() as txn:
+            return list(txn.scan("quotas"))
+    except CASError:
+        return []  # damaged: what it held is lost with it
+    finally:
+        old.close()
 
 
 def _split_repo_key(key: str) -> tuple[str, str, list[str]] | None:
@@ -67,6 +86,7 @@ def rebuild(backend: Backend, index_path: str, *, progress: Progress | None = No
     from casengine.registry.model import add_link
 
     progress = progress or (lambda stage, n: None)
+    quotas = _old_quotas(index_path)
     staging = f"{index_path.rstrip('/')}.rebuild-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     index = LmdbIndex(staging)
@@ -129,6 +149,10 @@ def rebuild(backend: Backend, index_path: str, *, progress: Progress | None = No
                     else:
                         report.skipped.append(f"{name}:{tag} -> {digest}")
             progress("repositories", 1)
+        with index.transaction(write=True) as txn:
+            for prefix, limit in quotas:
+                txn.put("quotas", prefix, limit)
+        report.quotas = len(quotas)
         bind(index)
     finally:
         index.close()

@@ -77,6 +77,19 @@ def reindex(store: Store) -> ReindexReport:
         backend.close()
 
 
+def test_reindex_keeps_the_quotas_of_a_readable_index(world: World) -> None:
+    store = world.store
+    with store.registry() as reg:
+        reg.quotas.set("team/", 10 << 30)
+        reg.quotas.set("other/svc", 1 << 20)
+    report = reindex(store)
+    assert report.quotas == 2 and report.to_json()["quotas"] == 2
+    with store.registry() as reg:
+        assert reg.quotas.all() == {"team/": 10 << 30, "other/svc": 1 << 20}
+    shutil.rmtree(store.index)  # lost: nothing to keep
+    assert reindex(store).quotas == 0
+
+
 def test_reindex_restores_the_same_answers(world: World) -> None:
     """Deleted tags, manifests and repositories stay deleted; everything else comes back."""
     store = world.store
@@ -117,7 +130,7 @@ def test_reindexed_blobs_get_their_xxh3_from_the_next_check(world: World) -> Non
 def test_reindex_on_an_empty_backend(empty_store: Store) -> None:
     report = reindex(empty_store)
     assert report.to_json() == {"blobs": 0, "repositories": 0, "manifests": 0, "tags": 0,
-                                "links": 0, "skipped": []}
+                                "links": 0, "quotas": 0, "skipped": []}
     with empty_store.registry() as reg:
         assert list(reg.repositories()) == [] and list(reg.engine.list()) == []
         assert Checker(reg).run().clean

@@ -98,6 +98,7 @@ def reindex(ctx: click.Context, as_json: bool) -> None:
         emit_json(report.to_json())
     else:
         click.echo(f"rebuilt: {report.blobs} blobs, {report.repositories} repositories, "
-                   f"{report.manifests} manifests, {report.tags} tags, {report.links} links")
+                   f"{report.manifests} manifests, {report.tags} tags, {report.links} links"
+                   + (f"; kept {report.quotas} quotas" if report.quotas else ""))
         for item in report.skipped or []:
             click.echo(f"skipped: {item}")
