@@ -136,15 +136,21 @@ def test_usage_json(root: Path, populated: dict) -> None:
     assert team["total"]["logical_bytes"] == app + web
     text = ok(cli(root, "usage"))
     assert "team/app" in text and "(all)" in text
+    names = [line.split()[0] for line in ok(cli(root, "usage", "team/")).splitlines()[1:]]
+    assert names == ["team/app", "team/web", "team/", "(all"]  # the total says it is one
 
 
 def test_quota_set_ls_and_a_push_over_it(root: Path, populated: dict) -> None:
     team_used = next(n["logical_bytes"] for n in populated["namespaces"] if n["name"] == "team/")
     assert ok(cli(root, "quota", "set", "team/", "1K")) == ""
     assert json.loads(ok(cli(root, "quota", "ls", "--json"))) == {
-        "team/": {"limit_bytes": 1024, "used_bytes": team_used}}
-    assert "team/" in ok(cli(root, "quota", "ls"))
+        "team/": {"limit_bytes": 1024, "used_bytes": team_used, "over": team_used > 1024}}
+    assert team_used > 1024  # set below what is stored: said so
+    assert ok(cli(root, "quota", "ls")).startswith("team/\t") and "OVER" in ok(
+        cli(root, "quota", "ls"))
     one_line_error(cli(root, "quota", "set", "team/", "lots"), 4)
+    one_line_error(cli(root, "quota", "set", "Team/", "1G"), 4)  # no repository is named so
+    assert "no quota on 'nobody/'" in one_line_error(cli(root, "quota", "rm", "nobody/"), 3)
     # no CLI command pushes into a repository: the push goes through the API
     assert QuotaExceeded.exit_code == 10
     with registry(root) as reg:

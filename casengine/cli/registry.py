@@ -59,8 +59,10 @@ def repo_create(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def repo_rm(ctx: click.Context, name: str, yes: bool) -> None:
     """Delete repository NAME with its tags and manifests (blobs stay until GC)."""
-    if not yes and sys.stdin.isatty():
-        click.confirm(f"delete repository {name} with all its tags and manifests?", abort=True)
+    if not yes and sys.stdin.isatty() and not click.confirm(
+            f"delete repository {name} with all its tags and manifests?"):
+        click.echo("casengine: not deleted", err=True)
+        ctx.exit(1)
     with registry_from(ctx) as reg:
         reg.delete_repository(name)
 
@@ -141,8 +143,9 @@ def usage(ctx: click.Context, prefix: str, as_json: bool) -> None:
         return
     click.echo(f"{'name':40} {'repos':>5} {'logical':>12} {'physical':>12} {'shared':>12} "
                f"{'stored':>12}")
+    total = f"(all under {prefix})" if prefix else "(all)"
     for u in [*report.repositories, *report.namespaces, report.total]:
-        name = u.name or "(all)"
+        name = total if u is report.total else u.name
         click.echo(f"{name:40} {u.repositories:5} {format_size(u.logical):>12} "
                    f"{format_size(u.physical):>12} {format_size(u.shared):>12} "
                    f"{format_size(u.stored):>12}")
@@ -169,9 +172,12 @@ def quota_set(ctx: click.Context, prefix: str, limit: str) -> None:
 @click.argument("prefix")
 @click.pass_context
 def quota_rm(ctx: click.Context, prefix: str) -> None:
-    """Remove the quota of PREFIX."""
+    """Remove the quota of PREFIX (exit code 3 if it has none)."""
+    from casengine.errors import NotFound
+
     with registry_from(ctx) as reg:
-        reg.quotas.set(prefix, None)
+        if not reg.quotas.set(prefix, None):
+            raise NotFound(f"no quota on {prefix!r}")
 
 
 @quota.command("ls")
@@ -185,7 +191,10 @@ def quota_ls(ctx: click.Context, as_json: bool) -> None:
         limits = reg.quotas.all()
         used = {p: reg.quotas.used(p) for p in limits}
     if as_json:
-        emit_json({p: {"limit_bytes": limits[p], "used_bytes": used[p]} for p in limits})
+        emit_json({p: {"limit_bytes": limits[p], "used_bytes": used[p],
+                       "over": used[p] > limits[p]} for p in limits})
         return
     for p, limit in limits.items():
-        click.echo(f"{p}\t{format_size(used[p])} of {format_size(limit)}")
+        # set below what is stored already: nothing is lost, but pushes are refused
+        over = "\tOVER: pushes refused" if used[p] > limit else ""
+        click.echo(f"{p}\t{format_size(used[p])} of {format_size(limit)}{over}")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from casengine.errors import InvalidInput, QuotaExceeded
 from casengine.index import unpack_blob
+from casengine.registry.names import check_name
 from casengine.units import format_size
 
 if TYPE_CHECKING:
@@ -110,14 +111,17 @@ class Quotas:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
-    def set(self, prefix: str, limit: int | None) -> None:
+    def set(self, prefix: str, limit: int | None) -> bool:
+        """Set (or, with None, remove) the quota of ``prefix``; False if there was none to
+        remove."""
         if not prefix or limit is not None and limit < 0:
             raise InvalidInput("a quota needs a namespace prefix and a limit >= 0")
+        check_name(prefix.removesuffix("/"))  # a quota no repository can fall under is a typo
         with self.registry.index.transaction(write=True) as txn:
             if limit is None:
-                txn.delete("quotas", prefix.encode())
-            else:
-                txn.put("quotas", prefix.encode(), str(limit).encode())
+                return txn.delete("quotas", prefix.encode())
+            txn.put("quotas", prefix.encode(), str(limit).encode())
+            return True
 
     def all(self) -> dict[str, int]:
         with self.registry.index.transaction() as txn:
