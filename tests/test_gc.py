@@ -971,6 +971,10 @@ def test_cli_gc(tmp_path: Path) -> None:
     assert set(dry["repositories"]) == {"a", "b"}
     assert set(dry["repositories"]["a"]) == {"manifests", "links", "bytes"}
     assert set(dry["timings_seconds"]) == {"links", "blobs", "uploads"}
+    # which bytes each figure counts: the store's freed, a repository's unlinked
+    lines = gc_cli("--dry-run", "--grace", "0s", "--untagged").stdout.decode().splitlines()
+    assert lines[0].startswith("would reclaim: ") and " stored), " in lines[0]
+    assert any(line.startswith("  a: ") and line.endswith(" logical)") for line in lines)
 
     real = json.loads(gc_cli("--grace", "0s", "--json", "--untagged", "--orphans").stdout)
     assert real["dry_run"] is False and real["grace_seconds"] == 0

@@ -47,10 +47,13 @@ def gc(ctx: click.Context, dry_run: bool, grace: str, untagged: bool, orphans: b
         emit_json(report.to_json())
         return
     verb = "would reclaim" if dry_run else "reclaimed"
-    click.echo(f"{verb}: {report.blobs} blobs ({format_size(report.bytes)}), "
+    click.echo(f"{verb}: {report.blobs} blobs ({format_size(report.bytes)} stored), "
                f"{report.manifests} manifests, {report.links} links, {report.uploads} upload "
                f"sessions ({format_size(report.upload_bytes)})"
                + (f", {report.orphans} orphans ({format_size(report.orphan_bytes)})"
                   if orphans else ""))
+    # a repository's figure is the logical size of what it no longer links; the blobs' is
+    # what the store frees (compressed, and only where no other repository links them)
     for name, r in sorted(report.repositories.items()):
-        click.echo(f"  {name}: {r.manifests} manifests, {r.links} links, {format_size(r.bytes)}")
+        click.echo(f"  {name}: {r.manifests} manifests, {r.links} links "
+                   f"({format_size(r.bytes)} logical)")
