@@ -139,11 +139,12 @@ def transcode(registry: Registry, repo: str, reference: str, *, to: str = "zstd"
         raise InvalidInput(f"cannot transcode to {to!r}: want one of {', '.join(TARGETS)}")
     if not 1 <= level <= 22:
         raise InvalidInput(f"invalid zstd level {level}: want 1 to 22")
+    named = tag is not None
     if tag is None and not is_digest(reference):
         tag = default_tag(reference, to)
     elif tag is not None:
         check_tag(tag)
-    return _Run(registry, repo, level, limits, progress).run(reference, tag)
+    return _Run(registry, repo, level, limits, progress).run(reference, tag, always_tag=named)
 
 
 def needs_transcode(registry: Registry, repo: str, reference: str) -> bool:
@@ -176,7 +177,9 @@ class _Run:
         self.pending: dict[str, tuple[bytes, str]] = {}
         self.report: Report | None = None
 
-    def run(self, reference: str, tag: str | None) -> Report:
+    def run(self, reference: str, tag: str | None, *, always_tag: bool = True) -> Report:
+        """Convert; tag the result ``tag`` (a default one only if something changed: an
+        image already in zstd gets no ``-zstd-zstd`` alias)."""
         start = time.monotonic()
         record = self.registry.resolve(self.repo, reference)
         report = self.report = Report(self.repo, record.digest, tag=tag)
@@ -186,6 +189,8 @@ class _Run:
         for digest, (data, media_type) in self.pending.items():
             self.registry.put_manifest(self.repo, digest, data, media_type)
             report.manifests += 1
+        if tag is not None and not always_tag and report.target == record.digest:
+            report.tag = tag = None
         if tag is not None:
             data, stored = self.registry.get_manifest(self.repo, report.target)
             self.registry.put_manifest(self.repo, tag, data, stored.media_type)

@@ -334,6 +334,10 @@ def test_nothing_to_convert_tags_the_same_image(registry: Registry, tmp_path: Pa
     report = transcode(registry, "team/z", "v1", tag="again")
     assert report.target == image.digest and report.manifests == 0
     assert registry.tag_map("team/z") == {"v1": image.digest, "again": image.digest}
+    # the default tag only names a conversion: no v1-zstd alias of an image in zstd already
+    report = transcode(registry, "team/z", "v1")
+    assert (report.target, report.tag, report.manifests) == (image.digest, None, 0)
+    assert registry.tag_map("team/z") == {"v1": image.digest, "again": image.digest}
 
 
 # -- the command line --------------------------------------------------------------------------
