@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import secrets
@@ -120,11 +121,31 @@ def _page_args(request: Request) -> tuple[int | None, str | None]:
     return (int(n) if n is not None else None), request.query.get("last")
 
 
-def _link(path: str, n: int | None, last: str) -> dict[str, str]:
+def _link(path: str, n: int | None, last: str, **more: str) -> dict[str, str]:
     from urllib.parse import urlencode
 
-    query = urlencode({**({"n": n} if n is not None else {}), "last": last})
+    query = urlencode({**({"n": n} if n is not None else {}), "last": last, **more})
     return {"Link": f'<{path}?{query}>; rel="next"'}
+
+
+#: A referrers page stays under this many bytes of descriptors: clients read the list with
+#: the limit they put on any manifest (oras-go: 4 MiB), and follow ``Link`` for the rest.
+REFERRERS_PAGE_BYTES = 4_000_000
+
+
+def _referrers_page(found: list[dict[str, Any]], n: int | None,
+                    last: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    """The descriptors after ``last`` (in digest order) that fit a page, and the digest to
+    go on from, if more remain."""
+    rest = [d for d in found if last is None or d["digest"] > last]
+    page: list[dict[str, Any]] = []
+    size = 0
+    for d in rest:
+        size += len(json.dumps(d)) + 2
+        if page and (size > REFERRERS_PAGE_BYTES or (n is not None and len(page) >= n)):
+            return page, page[-1]["digest"]
+        page.append(d)
+    return page, None
 
 
 class RegistryApp:
@@ -491,7 +512,12 @@ class RegistryApp:
             raise HTTPError(400, "DIGEST_INVALID", str(exc)) from exc
         # an empty filter names no type: everything, as if none were given
         artifact_type = request.query.get("artifactType") or None
+        n, last = _page_args(request)
         found = await blocking(self.registry.referrers, name, d, artifact_type)
+        page, next_last = _referrers_page(found, n or None, last)
         headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type else {}
+        if next_last is not None:
+            more = {"artifactType": artifact_type} if artifact_type else {}
+            headers.update(_link(f"/v2/{name}/referrers/{d}", n, next_last, **more))
         await respond_json(send, 200, {"schemaVersion": 2, "mediaType": OCI_INDEX,
-                                       "manifests": found}, headers, content_type=OCI_INDEX)
+                                       "manifests": page}, headers, content_type=OCI_INDEX)

@@ -616,6 +616,42 @@ def test_catalog_pagination(client: httpx.Client, repo: str) -> None:
     assert client.get(url).json()["repositories"][0] == names[2]
 
 
+def _all_referrers(client: httpx.Client, url: str, **params: str) -> list[list[str]]:
+    """Every page of a referrers list, following Link: the digests of each page."""
+    pages: list[list[str]] = []
+    r = client.get(url, params=params)
+    while True:
+        assert r.status_code == 200 and r.headers["content-type"] == OCI_INDEX
+        pages.append([d["digest"] for d in r.json()["manifests"]])
+        nxt = _next(r)
+        if nxt is None:
+            return pages
+        assert urlsplit(nxt).path == url
+        r = client.get(nxt)
+
+
+def test_referrers_pages(client: httpx.Client, repo: str) -> None:
+    """A list too long for one response comes in pages linked by Link, in digest order:
+    by n, and by size (clients read the list with their manifest limit, 4 MiB)."""
+    subject = simple_image("many-referrers")
+    push_manifest(client, repo, subject, "v1")
+    big = "x" * 1_500_000  # three of these are over 4 MB
+    refs = [oci_manifest(config(f"r{i}"), [], subject=subject,
+                         artifact_type="application/vnd.example.big",
+                         annotations={"big": big, "i": str(i)}) for i in range(4)]
+    for m in refs:
+        push_manifest(client, repo, m)
+    url = f"/v2/{repo}/referrers/{subject.digest}"
+    every = sorted(m.digest for m in refs)
+
+    pages = _all_referrers(client, url)
+    assert [d for page in pages for d in page] == every
+    assert [len(p) for p in pages] == [2, 2]  # by size
+    pages = _all_referrers(client, url, n="3", artifactType="application/vnd.example.big")
+    assert [d for page in pages for d in page] == every and len(pages) >= 2
+    assert _all_referrers(client, url, artifactType="application/vnd.none") == [[]]
+
+
 def test_referrers(client: httpx.Client, repo: str) -> None:
     subject = simple_image("referred")
     push_manifest(client, repo, subject, "v1")
