@@ -20,7 +20,13 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from casengine.backend import Presigner
 from casengine.digest import Digest
-from casengine.errors import BlobNotFound, CASError, InvalidDigest, OffsetMismatch
+from casengine.errors import (
+    BlobNotFound,
+    CASError,
+    InvalidDigest,
+    OffsetMismatch,
+    RepositoryNotFound,
+)
 from casengine.http.asgi import (
     ZEROCOPY,
     ClientGone,
@@ -513,7 +519,10 @@ class RegistryApp:
         # an empty filter names no type: everything, as if none were given
         artifact_type = request.query.get("artifactType") or None
         n, last = _page_args(request)
-        found = await blocking(self.registry.referrers, name, d, artifact_type)
+        try:
+            found = await blocking(self.registry.referrers, name, d, artifact_type)
+        except RepositoryNotFound:
+            found = []  # the spec: never a 404 from a registry with the referrers API
         page, next_last = _referrers_page(found, n or None, last)
         headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type else {}
         if next_last is not None:

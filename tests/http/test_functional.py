@@ -690,10 +690,11 @@ def test_referrers(client: httpx.Client, repo: str) -> None:
     assert {d["digest"] for d in r.json()["manifests"]} == {sbom.digest, sig.digest}
     assert "oci-filters-applied" not in r.headers
 
-    # an unknown subject has no referrers, and that is a 200
-    r = client.get(f"/v2/{repo}/referrers/{digest_of(b'no such subject')}")
-    assert r.status_code == 200 and r.json()["manifests"] == []
-    assert r.headers["content-type"] == OCI_INDEX
+    # an unknown subject has no referrers, and that is a 200; in an unknown repository too
+    for where in (repo, f"{repo}/never-pushed"):
+        r = client.get(f"/v2/{where}/referrers/{digest_of(b'no such subject')}")
+        assert r.status_code == 200 and r.json()["manifests"] == []
+        assert r.headers["content-type"] == OCI_INDEX
 
     # deleting a referrer takes it off the list
     assert client.delete(f"/v2/{repo}/manifests/{sig.digest}").status_code == 202
