@@ -18,6 +18,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -241,6 +242,9 @@ class _LmdbTxn:
         return self._txn.stat(self._dbs[table])["entries"]
 
 
+_OPENING = threading.Lock()
+
+
 class LmdbIndex(Index):
     """An LMDB environment in a directory; ``temporary`` ones are removed on close."""
 
@@ -249,13 +253,17 @@ class LmdbIndex(Index):
         self._temporary = temporary
         try:
             os.makedirs(path, exist_ok=True)
-            # Commits are flushed explicitly (env.sync) when durable, so a transaction that
-            # need not survive a power cut skips the fsync; a temporary index never syncs.
-            self.env = lmdb.open(
-                path, map_size=map_size, max_dbs=len(TABLES) + 4, max_readers=1024,
-                subdir=True, sync=False, metasync=False,
-            )
-            self._dbs = {name: self.env.open_db(name.encode()) for name in TABLES}
+            # lmdb refuses a second environment on one file per process, but its check is
+            # not atomic: two threads opening at once could both get one, and then hang
+            with _OPENING:
+                # Commits are flushed explicitly (env.sync) when durable, so a transaction
+                # that need not survive a power cut skips the fsync; a temporary index never
+                # syncs.
+                self.env = lmdb.open(
+                    path, map_size=map_size, max_dbs=len(TABLES) + 4, max_readers=1024,
+                    subdir=True, sync=False, metasync=False,
+                )
+                self._dbs = {name: self.env.open_db(name.encode()) for name in TABLES}
         except (OSError, lmdb.Error) as exc:
             raise ConfigError(f"cannot open the index at {path}: {exc}") from exc
 
@@ -275,6 +283,7 @@ class LmdbIndex(Index):
                                "registry and run 'casengine reindex'") from exc
 
     def close(self) -> None:
-        self.env.close()
+        with _OPENING:
+            self.env.close()
         if self._temporary:
             shutil.rmtree(self.path, ignore_errors=True)

@@ -203,3 +203,36 @@ def test_two_processes_writing_at_once_lose_nothing(index_path: str) -> None:
             assert got[fake_digest(f"shared-{i}")].size == i
     finally:
         idx.close()
+
+
+@pytest.mark.timeout(60)
+def test_two_threads_opening_one_root_at_once_never_both_get_it(tmp_path: Path) -> None:
+    """lmdb allows one environment per file per process; two opens racing must leave one
+    engine and one clear error, never two environments (which hang in lmdb)."""
+    from casengine.engine import Engine
+    from casengine.errors import ConfigError
+
+    root = str(tmp_path / "root")
+    Engine.open(root).close()
+    def race(start: threading.Barrier, opened: list[Engine],
+             refused: list[ConfigError]) -> None:
+        start.wait()
+        try:
+            opened.append(Engine.open(root))
+        except ConfigError as exc:
+            refused.append(exc)
+
+    for _ in range(40):
+        start = threading.Barrier(2)
+        opened: list[Engine] = []
+        refused: list[ConfigError] = []
+        threads = [threading.Thread(target=race, args=(start, opened, refused), daemon=True)
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert not any(t.is_alive() for t in threads), "an open hung"
+        assert (len(opened), len(refused)) == (1, 1), (opened, refused)
+        opened[0].ingest(b"x")
+        opened[0].close()
