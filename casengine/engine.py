@@ -357,6 +357,10 @@ class Engine:
     def read(self, digest: str | Digest, start: int = 0, length: int | None = None, *,
              chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
         """Stream the logical bytes ``[start, start+length)``; the whole blob by default."""
+        _whole("start", start)  # negative ones are refused as ranges, below
+        if length is not None:
+            _whole("length", length)
+        _whole("chunk_size", chunk_size, least=1)  # 0 would end the stream at once
         record = self.stat(digest)
         if start < 0 or start > record.size or (length is not None and length < 0):
             raise InvalidInput(
@@ -437,3 +441,10 @@ class Engine:
     def list(self, start: str = "") -> Iterator[BlobRecord]:
         """Stored blobs in digest order."""
         return self.index.iter_blobs(start)
+
+
+def _whole(name: str, value: object, *, least: int | None = None) -> None:
+    """Refuse what is not an int (bools and floats included), or is under ``least``."""
+    if type(value) is not int or (least is not None and value < least):
+        raise InvalidInput(f"invalid {name} {value!r}: want a whole number"
+                           + (f" >= {least}" if least is not None else ""))

@@ -186,3 +186,7 @@ class Unsupported(CASError, NotImplementedError):
     """The backend does not have an optional capability."""
 
     exit_code = 9
+
+
+class Closed(CASError, ValueError):
+    """The engine (and its index) was closed: open the store again to go on."""

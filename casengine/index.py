@@ -28,7 +28,7 @@ from typing import Protocol
 
 import lmdb
 
-from casengine.errors import BackendError, ConfigError
+from casengine.errors import BackendError, Closed, ConfigError
 
 #: Virtual size of the LMDB map. The file grows as needed; this only bounds it.
 DEFAULT_MAP_SIZE = 64 << 30
@@ -251,6 +251,7 @@ class LmdbIndex(Index):
     def __init__(self, path: str, *, map_size: int = DEFAULT_MAP_SIZE, temporary: bool = False):
         self.path = path
         self._temporary = temporary
+        self._closed = False
         try:
             os.makedirs(path, exist_ok=True)
             # lmdb refuses a second environment on one file per process, but its check is
@@ -273,6 +274,8 @@ class LmdbIndex(Index):
 
     @contextlib.contextmanager
     def transaction(self, *, write: bool = False, durable: bool = True) -> Iterator[Txn]:
+        if self._closed:  # else lmdb's error would pass for a damaged index
+            raise Closed(f"the index at {self.path} was closed with its engine")
         try:
             with self.env.begin(write=write) as txn:
                 yield _LmdbTxn(txn, self._dbs)
@@ -283,6 +286,7 @@ class LmdbIndex(Index):
                                "registry and run 'casengine reindex'") from exc
 
     def close(self) -> None:
+        self._closed = True
         with _OPENING:
             self.env.close()
         if self._temporary:

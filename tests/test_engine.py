@@ -24,6 +24,7 @@ from casengine.digest import Digest
 from casengine.engine import Engine
 from casengine.errors import (
     BlobNotFound,
+    Closed,
     DigestMismatch,
     IntegrityError,
     InvalidDigest,
@@ -548,6 +549,25 @@ def test_invalid_range(engine: Engine, start: int, length: int | None) -> None:
     d = str(engine.ingest(_data(300, 18)).digest)
     with pytest.raises(InvalidInput, match="range"):
         engine.read(d, start, length)
+
+
+@pytest.mark.parametrize("arguments", [{"start": "5"}, {"start": None}, {"start": 1.0},
+                                       {"start": float("nan")}, {"length": True},
+                                       {"chunk_size": 0}, {"chunk_size": -1}])
+def test_read_refuses_arguments_that_are_not_whole_numbers(engine: Engine,
+                                                            arguments: dict) -> None:
+    """Refused at the call, never a short body: chunk_size 0 used to end the stream at once."""
+    d = str(engine.ingest(_data(300, 19)).digest)
+    with pytest.raises(InvalidInput, match=f"invalid {next(iter(arguments))} "):
+        engine.read(d, **arguments)
+
+
+def test_a_closed_engine_says_so(engine: Engine) -> None:
+    d = str(engine.ingest(b"kept").digest)
+    engine.close()
+    for call in (lambda: engine.ingest(b"x"), lambda: engine.exists(d)):
+        with pytest.raises(Closed, match="closed"):
+            call()
 
 
 def test_range_of_an_empty_blob(engine: Engine) -> None:
