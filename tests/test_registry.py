@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -482,6 +483,29 @@ def test_a_blob_is_readable_only_where_it_is_linked(reg: Registry) -> None:
         reg.read_blob("a", d)
     assert reg.engine.exists(d)  # unlink never deletes bytes
     assert not reg.engine.backend.exists(link_key("a", Digest.parse(d)))
+
+
+def test_a_manifest_refused_in_its_transaction_leaves_no_records(
+        reg: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blob swept between the reference check and the recording transaction: the push
+    is refused, and the backend's records (which reindex reads) still agree with the index,
+    the tag it would have moved included."""
+    old = simple_image("old")
+    push(reg, "a", old, "v1")
+    new = simple_image("new")
+    push_blobs(reg, "a", new.blobs)
+    check = reg._check_references
+
+    def then_swept(repo: str, manifest: Any) -> tuple[str, ...]:
+        refs = check(repo, manifest)
+        reg.unlink(repo, new.blobs[0].digest)  # as GC would, just after the check
+        return refs
+
+    monkeypatch.setattr(reg, "_check_references", then_swept)
+    with pytest.raises(ManifestBlobUnknown):
+        reg.put_manifest("a", "v1", new.content, new.media_type)
+    assert backend_records(reg.engine, "a") == index_records(reg, "a")
+    assert reg.tag_map("a") == {"v1": old.digest}
 
 
 def test_unlink_refuses_a_blob_a_manifest_needs(reg: Registry) -> None:

@@ -18,6 +18,7 @@ by a manifest are not charged (see :mod:`casengine.registry.usage`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import time
@@ -29,12 +30,14 @@ from casengine.backend import READ_CHUNK
 from casengine.digest import Digest, parse_digest
 from casengine.errors import (
     BlobNotFound,
+    CASError,
     Conflict,
     DigestMismatch,
     InUse,
     ManifestBlobUnknown,
     ManifestInvalid,
     ManifestNotFound,
+    NotFound,
     RepositoryNotFound,
     UploadNotFound,
 )
@@ -333,11 +336,40 @@ class Registry:
         record = ManifestRecord(repo, str(manifest.digest), manifest.media_type, manifest.size,
                                 refs, str(manifest.subject.digest) if manifest.subject else None,
                                 manifest.artifact_type)
-        with self.index.transaction(write=True) as txn:
-            self._record_manifest(txn, record, manifest, sizes)
-            if tag is not None:
-                txn.put("tags", _k(repo, tag), str(manifest.digest).encode())
+        try:
+            with self.index.transaction(write=True) as txn:
+                self._record_manifest(txn, record, manifest, sizes)
+                if tag is not None:
+                    txn.put("tags", _k(repo, tag), str(manifest.digest).encode())
+        except BaseException:
+            # refused (a blob swept since the check): the records written for it would
+            # outlive the refusal, and reindex would bring the manifest back
+            with contextlib.suppress(CASError):
+                self._agree_with_index(repo, manifest.digest, tag)
+            raise
         return manifest
+
+    def _agree_with_index(self, repo: str, digest: Digest, tag: str | None) -> None:
+        """Make the backend records of ``digest`` (and ``tag``) in ``repo`` say what the
+        index says. A concurrent push may record them meanwhile: each record removed is
+        looked up again afterwards and written back if it came (as GC's unlink does)."""
+        def known(table: str, key: bytes) -> bytes | None:
+            with self.index.transaction() as txn:
+                return txn.get(table, key)
+
+        records = [(link_key(repo, digest), "links", _k(repo, str(digest)), b""),
+                   (manifest_key(repo, digest), "manifests", _k(repo, str(digest)), b"")]
+        if tag is not None:
+            records.append((tag_key(repo, tag), "tags", _k(repo, tag), None))
+        for key, table, index_key, body in records:
+            value = known(table, index_key)
+            if value is not None:
+                self.backend.put(key, value if body is None else body)
+                continue
+            with contextlib.suppress(NotFound):
+                self.backend.delete(key)
+            if (value := known(table, index_key)) is not None:
+                self.backend.put(key, value if body is None else body)
 
     def _check_references(self, repo: str, manifest: Manifest) -> tuple[str, ...]:
         """What the manifest keeps, once each: every blob (a foreign layer only if pushed)
