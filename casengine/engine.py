@@ -100,13 +100,16 @@ class Engine:
 
     @classmethod
     def open(cls, url: str = DEFAULT_ROOT, *, index: str | None = None,
-             compression: Policy | None = None, **storage_options: Any) -> Engine:
+             compression: Policy | str | None = None, **storage_options: Any) -> Engine:
         """Open the store at ``url`` (a path, ``file://``, ``memory://``, ``s3://``, ...).
 
         ``index`` is the LMDB directory. By default a local root keeps it inside the root
         and ``memory://`` gets a temporary one; remote roots must name one.
-        ``compression`` is how new blobs are stored (default: ``Policy()``, mode auto).
+        ``compression`` is how new blobs are stored: a Policy, or a mode name (default:
+        ``Policy()``, mode auto).
         """
+        if isinstance(compression, str):  # a mode, as the command line takes it
+            compression = Policy.parse(compression)
         backend = retrying(open_backend(url, **storage_options))  # transient faults: retry
         try:
             path = index or backend.default_index_path()

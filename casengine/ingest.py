@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
 import mmap
 import os
 import queue
@@ -188,6 +189,8 @@ def open_source(source: Source, pool: BufferPool, size: int = CHUNK) -> Iterator
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
             with _read_ahead(_from_stream(f, pool, size), pool) as chunks:
                 yield chunks
+    elif isinstance(source, io.TextIOBase):
+        raise InvalidInput("cannot ingest a text stream: open the file in binary mode ('rb')")
     elif hasattr(source, "readinto"):
         with _read_ahead(_from_stream(source, pool, size), pool) as chunks:
             yield chunks

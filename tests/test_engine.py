@@ -562,6 +562,23 @@ def test_read_refuses_arguments_that_are_not_whole_numbers(engine: Engine,
         engine.read(d, **arguments)
 
 
+def test_a_text_stream_is_refused_clearly(engine: Engine, tmp_path: Path) -> None:
+    path = tmp_path / "text"
+    path.write_text("not bytes")
+    with path.open() as text:
+        for source in (io.StringIO("not bytes"), text):
+            with pytest.raises(InvalidInput, match="binary mode"):
+                engine.ingest(source)
+    assert list(engine.list()) == []
+
+
+def test_open_takes_a_compression_mode_by_name(tmp_path: Path) -> None:
+    with Engine.open(str(tmp_path / "root"), compression="never") as engine:
+        assert engine.stat(engine.ingest(b"z" * 100_000).digest).codec == "raw"
+    with pytest.raises(InvalidInput, match="compression mode"):
+        Engine.open(str(tmp_path / "root"), compression="sometimes")
+
+
 def test_a_closed_engine_says_so(engine: Engine) -> None:
     d = str(engine.ingest(b"kept").digest)
     engine.close()
