@@ -35,7 +35,7 @@ import xxhash
 
 from casengine.backend import LocalPaths
 from casengine.digest import Digest, Hasher
-from casengine.errors import IntegrityError, NotFound, RepositoryNotFound
+from casengine.errors import IntegrityError, NotFound
 from casengine.index import BlobRecord, pack_blob, unpack_blob
 from casengine.layout import (
     BLOBS,
@@ -170,9 +170,7 @@ class Checker:
         found, and ``resume=True`` goes on from there."""
         if self.repo is not None and not any(map(self._selected, self.registry.repositories())):
             # a mistyped pattern must not pass for a clean bill of health
-            missing = RepositoryNotFound(self.repo)
-            missing.args = (f"no repository matches {self.repo!r}",)
-            raise missing
+            raise NotFound(f"no repository matches {self.repo!r}")
         report = CheckReport("full" if self.full else "fast")
         started = time.perf_counter()
         self._after = ""

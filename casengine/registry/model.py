@@ -363,12 +363,11 @@ class Registry:
             records.append((tag_key(repo, tag), "tags", _k(repo, tag), None))
         for key, table, index_key, body in records:
             value = known(table, index_key)
+            if value is None:
+                with contextlib.suppress(NotFound):
+                    self.backend.delete(key)
+                value = known(table, index_key)
             if value is not None:
-                self.backend.put(key, value if body is None else body)
-                continue
-            with contextlib.suppress(NotFound):
-                self.backend.delete(key)
-            if (value := known(table, index_key)) is not None:
                 self.backend.put(key, value if body is None else body)
 
     def _check_references(self, repo: str, manifest: Manifest) -> tuple[str, ...]:
