@@ -203,6 +203,25 @@ def test_malformed_digest_exits_4(root: Path, command: list[str], bad: str) -> N
     assert not (root / "blobs").exists()
 
 
+@pytest.mark.parametrize("command", [
+    ["blob", "ls"], ["blob", "stat", "sha256:" + "0" * 64], ["usage"], ["repo", "ls"],
+    ["uploads", "ls", "--json"], ["uploads", "purge"], ["gc"], ["reindex"], ["quota", "ls"],
+])
+def test_a_missing_root_is_not_made_by_commands_that_only_read_or_tidy(
+        root: Path, command: list[str]) -> None:
+    err = one_line_error(cli(root, *command), 3)
+    assert f"no store at {root}" in err
+    assert not root.exists()  # a mistyped --root stays visible, and no empty store appears
+
+
+@pytest.mark.parametrize("command", [["repo", "create", "team/app"],
+                                     ["quota", "set", "team/", "1G"]])
+def test_commands_that_store_make_a_new_root(root: Path, command: list[str]) -> None:
+    ok(cli(root, *command))
+    assert root.is_dir()
+    ok(cli(root, "usage"))
+
+
 def test_remote_root_without_an_index_exits_8(tmp_path: Path) -> None:
     err = one_line_error(run_cli(["--root", "s3://bucket/x", "blob", "ls"], cwd=tmp_path), 8)
     assert "--index" in err
@@ -272,7 +291,7 @@ def test_uploads_ls_and_purge(root: Path) -> None:
 
 @pytest.mark.parametrize("url", ["local", "memory://"])
 def test_an_unknown_storage_option_is_a_configuration_error(tmp_path: Path, url: str) -> None:
-    root = str(tmp_path / "store") if url == "local" else url
+    root = str(tmp_path) if url == "local" else url
     run = run_cli(["--root", root, "-o", "bogus=1", "blob", "ls"], cwd=tmp_path)
     err = one_line_error(run, 8)
     assert "unknown storage option bogus" in err

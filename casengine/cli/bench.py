@@ -98,7 +98,7 @@ def bench(ctx: click.Context, sizes: list[int], as_json: bool, plot_file: str | 
             raise click.BadParameter(f"{plot_file}: no such directory", param_hint="--plot")
     bar = _Bar(measuring.total_steps(sizes)) if sys.stderr.isatty() else None
     try:
-        with _sigterm_interrupts(), engine_from(ctx) as engine:
+        with _sigterm_interrupts(), engine_from(ctx, create=True) as engine:
             report = measuring.run(engine, sizes, bar)
     finally:
         if bar is not None:

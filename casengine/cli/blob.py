@@ -30,7 +30,7 @@ def blob() -> None:
 def put(ctx: click.Context, file: str, expected: str | None, algorithm: str, as_json: bool) -> None:
     """Store FILE (or - for stdin) and print its digest."""
     source = sys.stdin.buffer if file == "-" else file
-    with engine_from(ctx) as engine:
+    with engine_from(ctx, create=True) as engine:
         result = engine.ingest(source, digest=expected, algorithm=algorithm)
     if as_json:
         emit_json({"digest": str(result.digest), "size": result.size, "created": result.created})
@@ -98,8 +98,11 @@ def _output(path: str) -> Iterator[BinaryIO]:
 @click.pass_context
 def stat(ctx: click.Context, digest: str, as_json: bool) -> None:
     """Show what the index knows of DIGEST."""
+    from casengine.digest import parse_digest
+
+    d = parse_digest(digest)  # a typo is a usage error before it is a missing store
     with engine_from(ctx) as engine:
-        record = engine.stat(digest)
+        record = engine.stat(d)
     if as_json:
         emit_json(dataclasses.asdict(record))
     else:

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from casengine.cli.common import Settings, emit_json
+from casengine.cli.common import Settings, emit_json, require_store
 from casengine.cli.registry import registry_from
 
 #: check's own exit codes (README): problems found, and the check itself failed.
@@ -82,6 +82,7 @@ def reindex(ctx: click.Context, as_json: bool) -> None:
     from casengine.reindex import rebuild
 
     s: Settings = ctx.find_object(Settings)
+    require_store(s.root)
     backend = open_backend(s.root, **s.storage_options)
     try:
         path = s.index or backend.default_index_path()

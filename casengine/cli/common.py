@@ -44,12 +44,27 @@ class Settings:
         return cls(root, index, parsed, compression, compression_level)
 
 
+def require_store(root: str) -> None:
+    """Refuse a local root that does not exist, where a command only reads or tidies: made
+    there, an empty store would hide a mistyped path behind an empty answer."""
+    from casengine.backend import split_scheme
+    from casengine.errors import NotFound
+
+    scheme, path = split_scheme(root)
+    if scheme == "file" and not os.path.exists(path):
+        raise NotFound(f"no store at {os.path.abspath(path)}: check --root (CASENGINE_ROOT); "
+                       "'casengine serve' and 'casengine blob put' make a new one")
+
+
 @contextmanager
-def engine_from(ctx: click.Context) -> Iterator[Engine]:
+def engine_from(ctx: click.Context, *, create: bool = False) -> Iterator[Engine]:
+    """The engine of the global options; a missing local root is made only with ``create``."""
     from casengine.compression import Policy
     from casengine.engine import Engine
 
     s: Settings = ctx.find_object(Settings)
+    if not create:
+        require_store(s.root)
     policy = Policy.parse(s.compression, s.compression_level)
     with Engine.open(s.root, index=s.index, compression=policy, **s.storage_options) as engine:
         yield engine

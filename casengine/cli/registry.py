@@ -16,10 +16,10 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def registry_from(ctx: click.Context) -> Iterator[Registry]:
+def registry_from(ctx: click.Context, *, create: bool = False) -> Iterator[Registry]:
     from casengine.registry import Registry
 
-    with engine_from(ctx) as engine:
+    with engine_from(ctx, create=create) as engine:
         yield Registry(engine)
 
 
@@ -48,7 +48,7 @@ def repo_ls(ctx: click.Context, prefix: str, as_json: bool) -> None:
 @click.pass_context
 def repo_create(ctx: click.Context, name: str) -> None:
     """Create repository NAME (it is fine if it exists)."""
-    with registry_from(ctx) as reg:
+    with registry_from(ctx, create=True) as reg:
         created = reg.create_repository(name)
     click.echo(f"{'created' if created else 'exists'}: {name}")
 
@@ -164,7 +164,7 @@ def quota_set(ctx: click.Context, prefix: str, limit: str) -> None:
     """Limit PREFIX (e.g. team/ or team/app) to LIMIT (e.g. 10G)."""
     from casengine.units import parse_size
 
-    with registry_from(ctx) as reg:
+    with registry_from(ctx, create=True) as reg:
         reg.quotas.set(prefix, parse_size(limit))
 
 
