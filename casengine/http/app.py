@@ -57,6 +57,17 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 SEND_CHUNK = 4 << 20
 
 
+def _check_transfer_coding(request: Request) -> None:
+    """Only chunked is decoded below us: a body in another coding (gzip, chunked) would be
+    stored as sent, a blob other than the one the client meant (RFC 9112 6.1: 501)."""
+    coding = request.header("transfer-encoding")
+    if coding is None:
+        return
+    unknown = [c for c in (p.strip().lower() for p in coding.split(",")) if c != "chunked"]
+    if unknown:
+        raise HTTPError(501, "UNSUPPORTED", f"Transfer-Encoding {coding!r}: only chunked "
+                        "is understood; send the body as it is")
+
 class Authorizer(Protocol):
     """Decides who may do what (see :mod:`casengine.http.auth`)."""
 
@@ -194,6 +205,7 @@ class RegistryApp:
 
         route_name = "other"
         try:
+            _check_transfer_coding(request)
             route_name, handler, params = self._route(request)
             actions = params.pop("_actions")
             identity = None

@@ -5,6 +5,7 @@ outside the root). Every server log is checked for tracebacks after each test (c
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -796,3 +797,42 @@ def test_an_accepted_request_still_gets_its_100_continue(server: Server, repo: s
         assert answer.startswith(b"HTTP/1.1 100 "), answer
         s.sendall(content)
         assert s.recv(65536).startswith(b"HTTP/1.1 201 ")
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "deflate,chunked", "br, chunked"])
+def test_a_transfer_coding_other_than_chunked_is_refused(server: Server, repo: str,
+                                                        coding: str) -> None:
+    """Stored as sent, a gzip-coded body would be a different blob from the one the client
+    meant; the server says it does not understand the coding (RFC 9112 6.1) and stores
+    nothing."""
+    content = data("coded", 5000)
+    sent = gzip.compress(content)
+    path = f"/v2/{repo}/blobs/uploads/?digest={digest_of(content)}"
+    lines = [f"POST {path} HTTP/1.1", f"Host: {HOST}:{server.port}",
+             f"Transfer-Encoding: {coding}", "Connection: close"]
+    with socket.create_connection((HOST, server.port), timeout=10) as s:
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode()
+                  + f"{len(sent):x}\r\n".encode() + sent + b"\r\n0\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501 "), head
+    assert b"UNSUPPORTED" in body
+    _assert_no_blob(server, repo, digest_of(content))
+    _assert_no_blob(server, repo, digest_of(sent))
+    with server.registry() as reg:
+        assert open_uploads(reg, repo) == []
+
+
+def test_plain_chunked_transfer_coding_is_accepted(server: Server, repo: str) -> None:
+    content = data("chunked", 5000)
+    path = f"/v2/{repo}/blobs/uploads/?digest={digest_of(content)}"
+    lines = [f"POST {path} HTTP/1.1", f"Host: {HOST}:{server.port}",
+             "Transfer-Encoding: chunked", "Connection: close"]
+    with socket.create_connection((HOST, server.port), timeout=10) as s:
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode()
+                  + f"{len(content):x}\r\n".encode() + content + b"\r\n0\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 201 ")
+    with server.registry() as reg:
+        assert blob_stored(reg, digest_of(content))
