@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from casengine.digest import DEFAULT_ALGORITHM, Digest, Hasher, parse_digest
 from casengine.errors import (
     BackendError,
     BlobNotFound,
+    CASError,
     ConfigError,
     Conflict,
     CorruptObject,
@@ -46,7 +48,7 @@ from casengine.errors import (
     SizeMismatch,
 )
 from casengine.index import BlobRecord, Index, LmdbIndex, Txn, unpack_blob
-from casengine.index_binding import ensure_bound
+from casengine.index_binding import ensure_bound, ensure_current, mark
 from casengine.ingest import CHUNK, POOL, BufferPool, Source, WritePipeline, open_source
 from casengine.layout import RAW, ZST, blob_key
 from casengine.leases import is_live, new_lease
@@ -60,6 +62,8 @@ DEFAULT_ROOT = "./casengine-data"
 #: How long an ingest waits for a delete of the same digest before it gives up.
 DELETE_WAIT = 30.0
 
+
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class IngestResult:
@@ -127,6 +131,7 @@ class Engine:
             raise
         try:
             ensure_bound(backend, idx, path or "a temporary directory")
+            ensure_current(backend, idx, path or "a temporary directory")
         except BaseException:
             idx.close()
             backend.close()
@@ -136,8 +141,17 @@ class Engine:
     def close(self) -> None:
         if "compactor" in self.__dict__:
             self.compactor.close()
+        try:
+            self.mark_index()
+        except CASError as exc:  # a damaged index is reported by whatever used it
+            log.warning("cannot record the index's progress in the store: %s", exc)
         self.index.close()
         self.backend.close()
+
+    def mark_index(self) -> None:
+        """Record in the store how far the index has got, so that an older copy of it is
+        refused (see :mod:`casengine.index_binding`)."""
+        mark(self.backend, self.index)
 
     def __enter__(self) -> Self:
         return self

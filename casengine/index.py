@@ -116,6 +116,11 @@ class Index(ABC):
     def close(self) -> None:
         """Release the store. The default has nothing to release."""
 
+    def generation(self) -> int:
+        """How many write transactions this index has committed: it only grows (0: an
+        index that does not count)."""
+        return 0
+
     # -- blobs ---------------------------------------------------------------------------
 
     def get_blob(self, digest: str) -> BlobRecord | None:
@@ -264,9 +269,21 @@ class LmdbIndex(Index):
                     path, map_size=map_size, max_dbs=len(TABLES) + 4, max_readers=1024,
                     subdir=True, sync=False, metasync=False,
                 )
+                self._check_length()
                 self._dbs = {name: self.env.open_db(name.encode()) for name in TABLES}
         except (OSError, lmdb.Error) as exc:
             raise ConfigError(f"cannot open the index at {path}: {exc}") from exc
+
+    def _check_length(self) -> None:
+        """A data file cut short (a failed copy, a full disk) still opens, and the first
+        read past its end kills the process with SIGBUS: refuse it here instead."""
+        needed = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+        have = os.path.getsize(os.path.join(self.path, "data.mdb"))
+        if have < needed:
+            self.env.close()
+            raise ConfigError(
+                f"the index at {self.path} is damaged: data.mdb has {have} bytes of the "
+                f"{needed} its pages need: stop the registry and run 'casengine reindex'")
 
     @classmethod
     def temporary(cls) -> LmdbIndex:
@@ -284,6 +301,9 @@ class LmdbIndex(Index):
         except lmdb.Error as exc:
             raise BackendError(f"the index at {self.path} is damaged ({exc}): stop the "
                                "registry and run 'casengine reindex'") from exc
+
+    def generation(self) -> int:
+        return int(self.env.info()["last_txnid"])
 
     def close(self) -> None:
         self._closed = True

@@ -23,6 +23,8 @@ blob's key names its digest and the codec its bytes are stored in::
     |                                        past the bytes journal the session
     |       +-- 0000000000000000 ...         generic: one object per append, by offset
     |       +-- pending, data                S3: the tail below a part, the multipart target
+    +-- index-mark                           JSON: the index used with the store, how far
+    |                                        it had got (casengine.index_binding)
     +-- .tmp/                                local roots: temp files before rename
     +-- .index/                              local roots: the LMDB index (default place)
 
@@ -40,6 +42,7 @@ from casengine.digest import ALGORITHMS, Digest
 BLOBS = "blobs/"
 UPLOADS = "uploads/"
 REPOSITORIES = "repositories/"
+INDEX_MARK = "index-mark"
 
 #: Stored codecs and their key suffix.
 RAW = "raw"

@@ -26,7 +26,7 @@ from casengine.backend import Backend
 from casengine.digest import Digest
 from casengine.errors import CASError
 from casengine.index import BlobRecord, LmdbIndex
-from casengine.index_binding import bind
+from casengine.index_binding import bind, mark
 from casengine.layout import BLOBS, REPOSITORIES, ZST, parse_blob_key
 from casengine.registry.manifests import parse_manifest
 from casengine.seekable import read_table
@@ -154,6 +154,7 @@ def rebuild(backend: Backend, index_path: str, *, progress: Progress | None = No
                 txn.put("quotas", prefix, limit)
         report.quotas = len(quotas)
         bind(index)
+        mark(backend, index)  # the store is used with this index from now on
     finally:
         index.close()
     old = f"{index_path.rstrip('/')}.old-{int(time.time())}"

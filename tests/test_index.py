@@ -236,3 +236,21 @@ def test_two_threads_opening_one_root_at_once_never_both_get_it(tmp_path: Path) 
         assert (len(opened), len(refused)) == (1, 1), (opened, refused)
         opened[0].ingest(b"x")
         opened[0].close()
+
+
+def test_a_data_file_cut_short_is_refused_not_a_sigbus(tmp_path: Path) -> None:
+    """Opened, a truncated data.mdb kills the reading process with SIGBUS; the command
+    must instead say the index is damaged and name the way back."""
+    import os
+
+    from casengine.engine import Engine
+    from tests.helpers import one_line_error, run_cli
+
+    root = tmp_path / "root"
+    with Engine.open(str(root)) as engine:
+        for n in range(2000):
+            engine.ingest(f"blob {n}".encode() * 20)
+    data = root / ".index" / "data.mdb"
+    os.truncate(data, data.stat().st_size // 2)
+    err = one_line_error(run_cli(["--root", str(root), "usage"], cwd=tmp_path), 8)
+    assert "damaged" in err and "reindex" in err

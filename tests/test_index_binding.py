@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from casengine.backend import open_backend
 from casengine.engine import Engine
 from casengine.errors import ConfigError
+from casengine.layout import INDEX_MARK
 from casengine.reindex import rebuild
 
 
@@ -50,7 +52,62 @@ def test_an_index_from_before_binding_is_adopted(tmp_path: Path) -> None:
     root, digest = _store(tmp_path)
     with Engine.open(root) as engine, engine.index.transaction(write=True) as txn:
         txn.delete("meta", b"bound")  # as an index made before binding existed
+    (Path(root) / INDEX_MARK).unlink()  # in a store from before the mark
     with Engine.open(root) as engine:
         assert engine.exists(digest)
         with engine.index.transaction() as txn:
             assert txn.get("meta", b"bound") is not None
+
+
+def _rebuild(root: str) -> None:
+    backend = open_backend(root)
+    try:
+        rebuild(backend, str(Path(root) / ".index"))
+    finally:
+        backend.close()
+
+
+def test_an_index_restored_from_a_backup_is_refused_until_reindex(tmp_path: Path) -> None:
+    """An older copy of the index knows nothing of the pushes since: opened, GC's orphan
+    pass would delete them as debris of crashed pushes."""
+    root, first = _store(tmp_path)
+    backup = tmp_path / "backup"
+    shutil.copytree(Path(root) / ".index", backup)
+    with Engine.open(root) as engine:
+        later = str(engine.ingest(b"pushed after the backup").digest)
+    shutil.rmtree(Path(root) / ".index")
+    shutil.copytree(backup, Path(root) / ".index")
+    with pytest.raises(ConfigError, match="older than the store.*reindex"):
+        Engine.open(root)
+    _rebuild(root)
+    with Engine.open(root) as engine:
+        assert engine.exists(first) and engine.exists(later)
+
+
+def test_the_index_of_another_store_is_refused(tmp_path: Path) -> None:
+    root_a, _ = _store(tmp_path / "a")
+    root_b, digest_b = _store(tmp_path / "b")
+    with pytest.raises(ConfigError, match="not the one this store was last used with"):
+        Engine.open(root_b, index=str(Path(root_a) / ".index"))
+    with Engine.open(root_b) as engine:  # its own index is still welcome
+        assert engine.exists(digest_b)
+
+
+def test_a_store_with_no_objects_takes_any_index(tmp_path: Path) -> None:
+    root = str(tmp_path / "root")
+    with Engine.open(root, index=str(tmp_path / "one")):
+        pass
+    with Engine.open(root, index=str(tmp_path / "two")) as engine:
+        engine.ingest(b"now bound to two")
+    with pytest.raises(ConfigError):
+        Engine.open(root, index=str(tmp_path / "one"))
+
+
+def test_each_close_brings_the_mark_up_to_date(tmp_path: Path) -> None:
+    root, _ = _store(tmp_path)
+    with Engine.open(root) as engine:
+        for n in range(3):
+            engine.ingest(f"blob {n}".encode())
+        generation = engine.index.generation()
+    mark = json.loads((Path(root) / INDEX_MARK).read_bytes())
+    assert mark["generation"] >= generation > 0

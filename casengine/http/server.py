@@ -101,6 +101,8 @@ def build_app(settings: ServeSettings) -> RegistryApp:
 
         auth = TokenAuth.from_file(settings.auth_file, settings.public_url)
     stop = threading.Event()
+    threading.Thread(target=_mark_every, name="casengine-mark", daemon=True,
+                     args=(engine, stop)).start()
     if settings.gc_interval:
         threading.Thread(target=_collect_every, name="casengine-gc", daemon=True,
                          args=(registry, settings.gc_interval, settings.gc_grace, stop)).start()
@@ -118,6 +120,19 @@ def build_app(settings: ServeSettings) -> RegistryApp:
 
     return RegistryApp(registry, auth=auth, redirect=settings.redirect, on_close=close,
                        on_manifest=on_push)
+
+
+def _mark_every(engine: Any, stop: threading.Event) -> None:
+    """Keep the store's index mark close behind the index, so that an index restored from
+    a backup is refused at the next start (see casengine.index_binding)."""
+    from casengine.errors import CASError
+    from casengine.index_binding import MARK_INTERVAL
+
+    while not stop.wait(MARK_INTERVAL):
+        try:
+            engine.mark_index()
+        except CASError as exc:
+            log.warning("cannot record the index's progress in the store: %s", exc)
 
 
 def _collect_every(registry: Any, interval: float, grace: float, stop: threading.Event) -> None:
