@@ -174,6 +174,10 @@ def test_tag_rm_and_repo_rm(root: Path, populated: dict) -> None:
     assert json.loads(ok(cli(root, "tag", "ls", "--json", "team/app"))) == {"v1": APP.digest}
     one_line_error(cli(root, "tag", "rm", "team/app:latest"), 3)
     assert cli(root, "manifest", "get", f"team/app@{APP.digest}").stdout == APP.content
+    err = one_line_error(run_cli(["repo", "rm", "team/web"], cwd=root.parent, input=b"",
+                                 env={"CASENGINE_ROOT": str(root)}), 2)  # stdin: a pipe
+    assert "--yes" in err
+    assert "team/web" in [r["name"] for r in json.loads(ok(cli(root, "repo", "ls", "--json")))]
     ok(cli(root, "repo", "rm", "--yes", "team/web"))
     assert [r["name"] for r in json.loads(ok(cli(root, "repo", "ls", "--json")))] == [
         "other/tool", "team/app"]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from casengine.cli.common import emit_json, engine_from
+from casengine.cli.common import EXIT_USAGE, emit_json, engine_from
 
 if TYPE_CHECKING:
     from casengine.registry import Registry
@@ -59,10 +59,14 @@ def repo_create(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def repo_rm(ctx: click.Context, name: str, yes: bool) -> None:
     """Delete repository NAME with its tags and manifests (blobs stay until GC)."""
-    if not yes and sys.stdin.isatty() and not click.confirm(
-            f"delete repository {name} with all its tags and manifests?"):
-        click.echo("casengine: not deleted", err=True)
-        ctx.exit(1)
+    if not yes:
+        if not sys.stdin.isatty():  # a script that forgot --yes must not delete unasked
+            click.echo(f"casengine: error: not deleting {name}: there is no terminal to ask "
+                       "at; pass --yes to delete it", err=True)
+            ctx.exit(EXIT_USAGE)
+        if not click.confirm(f"delete repository {name} with all its tags and manifests?"):
+            click.echo("casengine: not deleted", err=True)
+            ctx.exit(1)
     with registry_from(ctx) as reg:
         reg.delete_repository(name)
 
