@@ -45,7 +45,7 @@ from casengine.backend import (
     check_prefix,
     os_error,
 )
-from casengine.errors import BackendError, CASError, InvalidKey, NotFound
+from casengine.errors import BackendError, CASError, InvalidKey, MissingExtra, NotFound
 
 TMP_DIR = ".tmp"
 log = logging.getLogger(__name__)
@@ -128,8 +128,13 @@ class FsspecBackend(Backend):
 
     def __init__(self, url: str, **storage_options: Any) -> None:
         super().__init__(url)
-        with _translated(f"opening {url}"):
-            self.fs, root = url_to_fs(url, skip_instance_cache=True, **storage_options)
+        try:
+            with _translated(f"opening {url}"):
+                self.fs, root = url_to_fs(url, skip_instance_cache=True, **storage_options)
+        except BackendError as exc:
+            if isinstance(exc.__cause__, ImportError):  # the protocol's package is missing
+                raise MissingExtra(f"{url}: {exc.__cause__}") from None
+            raise
             self.root = str(root).rstrip("/")
             self.tmp_dir = f"{self.root}/{TMP_DIR}"
             self.fs.makedirs(self.tmp_dir, exist_ok=True)

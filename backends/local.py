@@ -30,7 +30,7 @@ from casengine.backend import (
     os_error,
     split_scheme,
 )
-from casengine.errors import BackendError
+from casengine.errors import BackendError, ConfigError
 
 TMP_DIR = ".tmp"
 INDEX_DIR = ".index"
@@ -77,8 +77,10 @@ class LocalBackend(LocalUploadStaging, Backend):
             raise BackendError(f"file URL {url!r} must have an absolute path: file:///path")
         self.root = os.path.abspath(path)
         self.tmp_dir = os.path.join(self.root, TMP_DIR)
-        with translated(f"creating the root {self.root}"):
+        try:
             os.makedirs(self.tmp_dir, exist_ok=True)
+        except OSError as exc:  # a file in the way, no permission: the root is unusable
+            raise ConfigError(f"cannot use {self.root} as a root: {exc.strerror}") from None
 
     def path(self, key: str) -> str:
         """The file of ``key``; ``check_key`` makes escaping the root impossible."""

@@ -6,8 +6,10 @@ Only click is imported at start-up; each command imports the engine when it runs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 
 import click
 
@@ -15,7 +17,7 @@ from casengine.cli.auth import auth
 from casengine.cli.bench import bench
 from casengine.cli.blob import blob
 from casengine.cli.check import check, reindex
-from casengine.cli.common import Settings, run_guarded
+from casengine.cli.common import EXIT_INTERRUPTED, Settings, run_guarded
 from casengine.cli.gc import gc
 from casengine.cli.registry import manifest, quota, repo, tag, usage
 from casengine.cli.serve import serve
@@ -57,4 +59,12 @@ for command in (repo, tag, manifest, usage, quota, serve, auth, gc, check, reind
 
 
 def main() -> None:
-    sys.exit(run_guarded(cli, debug=bool(os.environ.get("CASENGINE_DEBUG"))))
+    code = run_guarded(cli, debug=os.environ.get("CASENGINE_DEBUG", "") not in ("", "0"))
+    if code == EXIT_INTERRUPTED and any(t.daemon and t.is_alive() for t in threading.enumerate()):
+        # a reader left blocked on stdin (interrupted while a terminal was silent) holds the
+        # stream's lock, and the interpreter's shutdown would abort on it
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -71,14 +71,15 @@ def _output(path: str) -> Iterator[BinaryIO]:
     if path == "-":
         yield sys.stdout.buffer
         return
-    from casengine.errors import BackendError
+    from casengine.errors import BackendError, NotFound
 
     target = os.path.abspath(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.",
                                    dir=os.path.dirname(target))
     except OSError as exc:
-        raise BackendError(f"cannot write {path}: {exc.strerror}") from None
+        error = NotFound if isinstance(exc, FileNotFoundError) else BackendError
+        raise error(f"cannot write {path}: {exc.strerror}") from None
     umask = os.umask(0)
     os.umask(umask)
     try:

@@ -83,6 +83,8 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
                           "or pass --insecure if something in front of it authenticates")
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
+    if tls_cert and tls_key:
+        _check_tls(tls_cert, tls_key)
     _check_listen(host, port)
     s: Settings = ctx.find_object(Settings)
     from casengine.units import parse_duration
@@ -96,15 +98,50 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
     tls = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key} if tls_cert else {}
     common = {"host": host, "port": port, "log_level": log_level, "access_log": False,
               "http": ZeroCopyProtocol, "lifespan": "on", "timeout_keep_alive": 30, **tls}
+    app = build_app(settings)  # open the store now: a bad root fails before binding
+    engine = app.registry.engine
+    if workers > 1 and engine.backend.ephemeral:
+        engine.close()
+        raise ConfigError(f"{s.root} lives in one process's memory: --workers {workers} would "
+                          "give each worker a store of its own; serve it with one worker")
+    _announce(host, port, bool(tls_cert), s.root, engine.index)
     if workers == 1:
-        app = build_app(settings)  # open the store now: a bad root fails before binding
         uvicorn.run(app, **common)
     else:
-        build_app(settings).registry.engine.close()  # fail early here too
+        engine.close()  # each worker opens its own
         os.environ[ENV] = settings.to_env()
         os.environ[MASTER_ENV] = str(os.getpid())
         uvicorn.run("casengine.http.server:app_from_env", factory=True, workers=workers,
                     **common)
+    click.echo("casengine: stopped", err=True)
+
+
+def _announce(host: str, port: int, tls: bool, root: str, index: object) -> None:
+    """One line on where clients connect and where the data lives: at the default log level
+    uvicorn says nothing."""
+    from casengine.backend import split_scheme
+
+    scheme, path = split_scheme(root)
+    where = os.path.abspath(path) if scheme == "file" else root
+    shown = f"[{host}]" if ":" in host else host
+    url = f"{'https' if tls else 'http'}://{shown}:{port}/v2/"
+    if port == 0:
+        url += " (port 0: the system picks one; --log-level info shows it)"
+    click.echo(f"casengine: serving {url} from {where} (index {getattr(index, 'path', '-')}); "
+               "Ctrl-C stops", err=True)
+
+
+def _check_tls(cert: str, key: str) -> None:
+    """Load the pair now: uvicorn's own failure names neither file ('PEM lib')."""
+    import ssl
+
+    from casengine.errors import ConfigError
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"cannot use --tls-cert {cert} with --tls-key {key}: "
+                          f"{exc.strerror or exc}") from None
 
 
 def _check_listen(host: str, port: int) -> None:
