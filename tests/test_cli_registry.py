@@ -117,6 +117,21 @@ def test_manifest_get_an_index(root: Path) -> None:
     assert record["refs"] == [APP.digest, WEB.digest]
 
 
+def test_manifest_rm(root: Path, populated: dict) -> None:
+    assert ok(cli(root, "manifest", "rm", "team/app:latest")) == f"deleted team/app@{APP.digest}\n"
+    assert json.loads(ok(cli(root, "tag", "ls", "--json", "team/app"))) == {}  # v1 went too
+    one_line_error(cli(root, "manifest", "get", f"team/app@{APP.digest}"), 3)
+    one_line_error(cli(root, "manifest", "rm", f"team/app@{APP.digest}"), 3)
+    with registry(root) as reg:
+        assert reg.engine.exists(APP.digest)  # blobs stay until GC
+    multi = index([WEB])
+    with registry(root) as reg:
+        push(reg, "team/web", multi, "multi")
+    err = one_line_error(cli(root, "manifest", "rm", f"team/web@{WEB.digest}"), 6)
+    assert "team/web" in err
+    assert cli(root, "manifest", "get", "team/web:v1").stdout == WEB.content
+
+
 def test_usage_json(root: Path, populated: dict) -> None:
     report = json.loads(ok(cli(root, "usage", "--json")))
     assert report == populated  # what the API computed before the engine was closed

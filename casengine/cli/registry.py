@@ -131,6 +131,21 @@ def manifest_get(ctx: click.Context, reference: str, as_json: bool) -> None:
         sys.stdout.buffer.flush()
 
 
+@manifest.command("rm")
+@click.argument("reference")
+@click.pass_context
+def manifest_rm(ctx: click.Context, reference: str) -> None:
+    """Delete the manifest REPO@DIGEST (or the one REPO:TAG names) with every tag that
+    points at it; its blobs stay until GC. An index's child is refused (exit 6)."""
+    from casengine.registry import Reference
+
+    ref = Reference.parse(reference)
+    with registry_from(ctx) as reg:
+        digest = ref.digest or reg.resolve(ref.repository, ref.ref).digest
+        reg.delete_manifest(ref.repository, digest)
+    click.echo(f"deleted {ref.repository}@{digest}")
+
+
 @click.command()
 @click.argument("prefix", default="")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
