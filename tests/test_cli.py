@@ -111,6 +111,10 @@ def test_stat(root: Path) -> None:
     assert record["created"] <= record["touched"]
     text = ok(cli(root, "blob", "stat", digest))
     assert f"digest: {digest}\n" in text and f"size: {len(data)}\n" in text
+    import datetime
+
+    when = datetime.datetime.fromtimestamp(record["created"], datetime.UTC)
+    assert f"created: {when.isoformat(timespec='seconds')}\n" in text  # a time, not a float
 
 
 def test_ls(root: Path) -> None:

@@ -38,3 +38,25 @@ def test_serve_names_a_certificate_it_cannot_use(tmp_path: Path) -> None:
                                   "--tls-cert", str(bad), "--tls-key", str(bad)],
                                  cwd=tmp_path), 8)
     assert str(bad) in err
+
+
+def test_a_global_option_after_the_command_says_where_it_goes(tmp_path: Path) -> None:
+    proc = run_cli(["serve", "--root", str(tmp_path)], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert b"--root is an option of casengine itself: it goes before the command" in proc.stderr
+
+
+def test_a_gc_interval_of_zero_is_refused_not_taken_for_never(tmp_path: Path) -> None:
+    proc = run_cli(["--root", str(tmp_path / "root"), "serve", "--port", "0",
+                    "--gc-interval", "0s"], cwd=tmp_path)
+    assert proc.returncode == 2 and b"above zero" in proc.stderr
+
+
+def test_redirect_on_a_backend_that_cannot_presign_says_so(tmp_path: Path) -> None:
+    server = ServeProcess(root=tmp_path / "root", log=tmp_path / "serve.log",
+                          args=["--redirect"])
+    server.start()
+    try:
+        assert "--redirect does nothing" in server.log_text()
+    finally:
+        server.stop()

@@ -107,7 +107,12 @@ def stat(ctx: click.Context, digest: str, as_json: bool) -> None:
     if as_json:
         emit_json(dataclasses.asdict(record))
     else:
+        import datetime
+
         for name, value in dataclasses.asdict(record).items():
+            if name in ("created", "touched"):  # seconds since the epoch, for people
+                value = datetime.datetime.fromtimestamp(value, datetime.UTC).isoformat(
+                    timespec="seconds")
             click.echo(f"{name}: {value}")
 
 

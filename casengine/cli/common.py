@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
+#: Options of ``casengine`` itself, which a command given them names as unknown.
+GLOBAL_OPTIONS = ("--root", "--index", "-o", "--storage-option", "--compression",
+                  "--compression-level")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,10 @@ def run_guarded(cli: click.Command, *, debug: bool = False) -> int:
         click.echo("casengine: interrupted", err=True)
         return EXIT_INTERRUPTED
     except click.ClickException as exc:
+        if isinstance(exc, click.NoSuchOption) and exc.option_name in GLOBAL_OPTIONS:
+            exc.message = (f"{exc.option_name} is an option of casengine itself: it goes "
+                           f"before the command (casengine {exc.option_name} VALUE COMMAND ...)")
+            exc.possibilities = None
         exc.show()
         return exc.exit_code
     except click.exceptions.Exit as exc:

@@ -91,7 +91,7 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
 
     settings = ServeSettings(s.root, s.index, s.storage_options, redirect, auth_file,
                              public_url=public_url,
-                             gc_interval=parse_duration(gc_interval) if gc_interval else None,
+                             gc_interval=_interval(gc_interval),
                              gc_grace=parse_duration(gc_grace), compression=s.compression,
                              compression_level=s.compression_level,
                              transcode_on_push=transcode_on_push, transcode_level=transcode_level)
@@ -105,6 +105,11 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
         raise ConfigError(f"{s.root} lives in one process's memory: --workers {workers} would "
                           "give each worker a store of its own; serve it with one worker")
     _announce(host, port, bool(tls_cert), s.root, engine.index)
+    from casengine.backend import Presigner
+
+    if redirect and not isinstance(engine.backend, Presigner):
+        click.echo(f"casengine: warning: --redirect does nothing on {s.root}: the backend "
+                   "cannot presign URLs, so blobs are served directly", err=True)
     if workers == 1:
         uvicorn.run(app, **common)
     else:
@@ -114,6 +119,18 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
         uvicorn.run("casengine.http.server:app_from_env", factory=True, workers=workers,
                     **common)
     click.echo("casengine: stopped", err=True)
+
+
+def _interval(value: str | None) -> float | None:
+    from casengine.units import parse_duration
+
+    if value is None:
+        return None
+    seconds = parse_duration(value)
+    if seconds <= 0:  # would mean "never", which leaving the option out already says
+        raise click.BadParameter(f"{value!r}: want a duration above zero, e.g. 6h",
+                                 param_hint="--gc-interval")
+    return seconds
 
 
 def _announce(host: str, port: int, tls: bool, root: str, index: object) -> None:
