@@ -131,6 +131,30 @@ def _digest(text: str) -> Digest:
     return Digest.parse(text)
 
 
+def _mount_args(request: Request) -> tuple[Digest | None, str | None]:
+    """``mount`` and ``from``; a mount that cannot be (a malformed digest or source name)
+    is no mount, and the POST starts a plain upload: 'If a mount fails due to invalid
+    repository or digest arguments, the registry will fall back to the standard upload
+    behavior' (distribution spec). An empty ``from`` is none."""
+    mount, source = request.query.get("mount"), request.query.get("from") or None
+    if mount is None:
+        return None, None
+    try:
+        digest = _digest(mount)
+        if source is not None:
+            check_name(source)
+    except CASError:
+        return None, None
+    return digest, source
+
+
+def _not_modified(request: Request, etag: str) -> bool:
+    """Whether ``If-None-Match`` names ``etag`` (a digest's content never changes)."""
+    wanted = request.header("if-none-match")
+    return wanted is not None and (wanted.strip() == "*" or etag in
+                                   (t.strip().removeprefix("W/") for t in wanted.split(",")))
+
+
 def _page_args(request: Request) -> tuple[int | None, str | None]:
     n = request.query.get("n")
     if n is not None and (not (n.isascii() and n.isdigit()) or len(n) > 9):  # not '²'
@@ -302,7 +326,15 @@ class RegistryApp:
         record = await blocking(self.registry.stat_blob, name, d)
         head = request.method == "HEAD"
         base = {"Docker-Content-Digest": str(d), "ETag": f'"{d}"', "Accept-Ranges": "bytes"}
-        ranges = parse_range(request.header("range"), record.size)
+        if _not_modified(request, base["ETag"]):
+            await respond(send, 304, base)
+            return
+        if_range = request.header("if-range")
+        # a validator that is not this blob's ETag (another blob's, or a date: we send no
+        # Last-Modified) means the client's partial copy is of something else: send it all
+        wanted = None if if_range is not None and if_range.strip() != base["ETag"] else (
+            request.header("range"))
+        ranges = parse_range(wanted, record.size)
         if not head and not ranges and self.redirect:
             backend = self.registry.backend
             if isinstance(backend, Presigner) and record.codec == "raw":
@@ -384,11 +416,9 @@ class RegistryApp:
                            upload: str) -> None:
         if upload:
             raise HTTPError(405, "UNSUPPORTED", "POST goes to /v2/<name>/blobs/uploads/")
-        mount, source = request.query.get("mount"), request.query.get("from")
+        mount, source = _mount_args(request)
         if mount is not None:
-            d = _digest(mount)
-            if source is not None:
-                check_name(source)
+            d = mount
             if (source is None or self.auth.can_read(identity, source)) and await blocking(
                     self.registry.mount, name, d, source,
                     lambda r: self.auth.can_read(identity, r)):
@@ -489,6 +519,10 @@ class RegistryApp:
                             f"({record.media_type}), which the Accept header does not allow")
         headers = {"Content-Type": record.media_type, "Docker-Content-Digest": record.digest,
                    "ETag": f'"{record.digest}"', "Content-Length": str(record.size)}
+        if _not_modified(request, headers["ETag"]):
+            del headers["Content-Length"]
+            await respond(send, 304, headers)
+            return
         await respond(send, 200, headers, data, head=head)
 
     async def manifest_put(self, request: Request, send: Send, identity: Any, name: str,

@@ -221,7 +221,8 @@ async def start_response(send: Send, status: int, headers: dict[str, str]) -> No
 
 async def respond(send: Send, status: int, headers: dict[str, str], body: bytes = b"",
                   *, head: bool = False) -> None:
-    if "content-length" not in {k.lower() for k in headers}:
+    # RFC 9110 8.6: a 204 carries no Content-Length; a 304's would describe the full body
+    if status not in (204, 304) and "content-length" not in {k.lower() for k in headers}:
         headers = {**headers, "Content-Length": str(len(body))}
     await start_response(send, status, headers)
     await send({"type": "http.response.body", "body": b"" if head else body})

@@ -22,6 +22,7 @@ from tests.http.conftest import (
     open_uploads,
     push_blob,
     push_manifest,
+    raw_request,
     start_upload,
 )
 from tests.registry_helpers import config, data, index, layer, oci_manifest, simple_image
@@ -707,3 +708,43 @@ def test_referrers(client: httpx.Client, repo: str) -> None:
 def test_referrers_bad_digest(client: httpx.Client, repo: str, bad: str) -> None:
     push_blob(client, repo, b"make the repository exist")
     assert_error(client.get(f"/v2/{repo}/referrers/{bad}"), 400, "DIGEST_INVALID")
+
+
+# -- conditional requests ---------------------------------------------------------------------
+
+
+def test_if_none_match_answers_304_for_blobs_and_manifests(client: httpx.Client,
+                                                           server: Server, repo: str) -> None:
+    image = simple_image("conditional")
+    push_manifest(client, repo, image, "v1")
+    layer_digest = image.blobs[-1].digest
+    for path, digest in ((f"/v2/{repo}/blobs/{layer_digest}", layer_digest),
+                         (f"/v2/{repo}/manifests/v1", image.digest)):
+        for method in ("GET", "HEAD"):
+            r = client.request(method, path, headers={"If-None-Match": f'"{digest}"',
+                                                      "Accept": OCI_MANIFEST})
+            assert r.status_code == 304 and r.content == b"", (method, path)
+            assert r.headers["etag"] == f'"{digest}"'
+            assert "content-length" not in r.headers
+        r = client.get(path, headers={"If-None-Match": '"sha256:other"', "Accept": OCI_MANIFEST})
+        assert r.status_code == 200 and r.headers["docker-content-digest"] == digest
+
+
+def test_if_range_with_another_validator_sends_the_whole_blob(client: httpx.Client,
+                                                              repo: str) -> None:
+    content = data("if-range", 4096)
+    digest = push_blob(client, repo, content)
+    r = client.get(f"/v2/{repo}/blobs/{digest}",
+                   headers={"Range": "bytes=0-9", "If-Range": '"sha256:stale"'})
+    assert r.status_code == 200 and r.content == content
+    r = client.get(f"/v2/{repo}/blobs/{digest}",
+                   headers={"Range": "bytes=0-9", "If-Range": f'"{digest}"'})
+    assert r.status_code == 206 and r.content == content[:10]
+
+
+def test_a_204_has_no_content_length(server: Server, client: httpx.Client, repo: str) -> None:
+    """RFC 9110 8.6: a server MUST NOT send Content-Length in a 204."""
+    location = start_upload(client, repo)
+    for method in ("GET", "DELETE"):
+        r = raw_request(server, method, location)
+        assert r.status_code == 204 and "content-length" not in r.headers, (method, r.headers)

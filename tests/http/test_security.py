@@ -112,6 +112,12 @@ def test_no_traversal_reads_or_writes_outside_the_root(
         path = template.replace("{x}", part)
         r = raw_request(server, method, path, SENTINEL if method in ("PUT", "PATCH", "POST")
                         else b"", {"Content-Type": "application/octet-stream"})
+        if "mount=" in template and r.status_code == 202:
+            # a mount that cannot be is a plain upload (distribution spec): no name or digest
+            # of it is used, and the session it started goes again
+            assert r.headers["location"].startswith("/v2/t/ok/blobs/uploads/")
+            assert raw_request(server, "DELETE", r.headers["location"]).status_code == 204
+            continue
         assert 400 <= r.status_code < 500, (method, path, r.status_code, r.content[:300])
         assert SENTINEL not in r.content, (method, path)
         if method != "HEAD":
