@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -21,6 +22,7 @@ from backends.local_files import FileSink, fsync_dir, read_file, translated
 from backends.local_staging import LocalUploadStaging
 from casengine.backend import (
     READ_CHUNK,
+    WRITER_MIN_IDLE,
     Backend,
     Buffer,
     ObjectInfo,
@@ -165,10 +167,11 @@ class LocalBackend(LocalUploadStaging, Backend):
     def purge_staging(self, older_than: float,
                       in_use: Callable[[str], bool] = lambda key: False) -> int:
         """Temp files of writers that died (``kill -9``) before commit or abort."""
+        cutoff = min(older_than, time.time() - WRITER_MIN_IDLE)
         purged = 0
         for entry in os.scandir(self.tmp_dir):
             with contextlib.suppress(FileNotFoundError):
-                if entry.stat().st_mtime < older_than:
+                if entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
                     purged += 1
         return purged

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from fsspec.asyn import sync
 
 from casengine.backend import (
+    WRITER_MIN_IDLE,
     Appender,
     Buffer,
     check_key,
@@ -379,12 +381,14 @@ class S3UploadStaging:
         Activity counts, not the start alone, because a live session's upload may be old
         (and moto reports one fixed start time for every upload).
         """
+        writers = min(older_than, time.time() - WRITER_MIN_IDLE)
         purged = 0
         for upload in self.multipart_uploads():
-            if upload.initiated >= older_than:
-                continue
             session, _, name = upload.key.rpartition("/")
             ours = upload.key.startswith(UPLOADS) and name == DATA
+            cutoff = older_than if ours else writers
+            if upload.initiated >= cutoff:
+                continue
             if ours and in_use(session):
                 continue  # a live session's upload, however quiet: never ours to abort
             try:
@@ -393,12 +397,12 @@ class S3UploadStaging:
                     last = max([last, *(mtime for _, _, mtime in self._objects(session + "/"))])
             except _UploadGone:
                 continue
-            if last >= older_than:
+            if last >= cutoff:
                 continue
             self.abort_upload(self.absolute(upload.key), upload.upload_id)
             purged += 1
-        for obj in self.staging_objects():
-            if obj.mtime < older_than:
+        for obj in self.staging_objects():  # an ingest's, between its copy and its delete
+            if obj.mtime < writers:
                 self.call(f"deleting {obj.key}", "delete_object", Key=self.absolute(obj.key))
                 purged += 1
         return purged

@@ -53,6 +53,10 @@ Buffer = bytes | bytearray | memoryview
 
 #: Default size of the chunks a read yields.
 READ_CHUNK = 1 << 20
+#: Seconds a writer's leftovers (a temp file, an ingest's multipart upload) must be idle
+#: before a purge drops them: nothing says whether their writer lives, and a client may
+#: pause mid-body. Upload sessions have leases and their own cutoff.
+WRITER_MIN_IDLE = 3600.0
 
 _KEY_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
@@ -318,7 +322,9 @@ class Backend(ABC):
         """Drop abandoned staging state only the backend can see (S3: multipart uploads
         idle since before the unix time ``older_than``); return how many. ``in_use(key)``
         says whether the upload prefix ``key`` still belongs to a live session, which is
-        never touched. Default: nothing to drop."""
+        never touched. What other writers leave (temp files, the multipart upload of an
+        ingest) must also be idle for :data:`WRITER_MIN_IDLE`, whatever ``older_than``.
+        Default: nothing to drop."""
         return 0
 
     def default_index_path(self) -> str | None:

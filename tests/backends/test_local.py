@@ -39,3 +39,24 @@ def test_relative_file_url_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(BackendError, match="absolute"):
         LocalBackend("file://relative/path")
+
+
+def test_a_purge_leaves_a_live_writers_temp_file(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """'uploads purge --older-than 0s' while a monolithic push streams its body: its temp
+    file is young, and its writer, for all the purge can tell, alive."""
+    import time
+
+    from backends import local
+
+    backend = LocalBackend(str(tmp_path))
+    writer = backend.writer()
+    writer.write(b"the first half, ")
+    assert backend.purge_staging(time.time() + 1) == 0
+    writer.write(b"then the rest")
+    assert writer.commit("blobs/x")
+    assert backend.get("blobs/x") == b"the first half, then the rest"
+    left = backend.writer()  # a writer killed mid-body, an hour ago
+    left.write(b"partial")
+    monkeypatch.setattr(local, "WRITER_MIN_IDLE", 0.0)
+    assert backend.purge_staging(time.time() + 1) == 1

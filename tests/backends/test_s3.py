@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from backends import s3_staging
 from backends.s3 import MIB, S3Backend
 from casengine.backend import Backend, Presigner, ServerCopy, open_backend
 from casengine.errors import BackendError, ConfigError, InvalidInput, NotFound
@@ -148,7 +149,8 @@ def test_small_commit_may_differ_from_the_hint(s3: S3Backend) -> None:
 # -- crash leftovers -------------------------------------------------------------------------
 
 
-def test_a_dead_writers_upload_is_aborted_once_idle(small_parts: S3Backend) -> None:
+def test_a_dead_writers_upload_is_aborted_once_idle(small_parts: S3Backend,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """What a writer killed before its commit or abort leaves (an ingest straight to its
     key) goes with the sweep of upload staging, but only once it has been idle that long."""
     w = small_parts.writer("blobs/x")
@@ -162,16 +164,23 @@ def test_a_dead_writers_upload_is_aborted_once_idle(small_parts: S3Backend) -> N
     # moto reports one old start time for every upload: the part's time is what counts
     assert small_parts.purge_staging(time.time() - 60) == 0
     assert small_parts.multipart_uploads() == [upload]
+    # however short the purge's cutoff, a writer's upload must be idle for the floor: its
+    # writer may only be slow (a client pausing mid-body)
+    assert small_parts.purge_staging(time.time() + 1) == 0
+    monkeypatch.setattr(s3_staging, "WRITER_MIN_IDLE", 0.0)  # an hour later
     assert small_parts.purge_staging(time.time() + 1) == 1
     assert small_parts.multipart_uploads() == []
     w.abort()  # finds its upload gone, which is fine
 
 
-def test_stale_staging_objects_are_deleted(s3: S3Backend) -> None:
+def test_stale_staging_objects_are_deleted(s3: S3Backend,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     s3.call("planting", "put_object", Key=s3.absolute(".staging/left"), Body=b"x")
     assert [o.key for o in s3.staging_objects()] == [".staging/left"]
     assert list(s3.list("")) == []
     assert s3.purge_staging(time.time() - 3600) == 0
+    assert s3.purge_staging(time.time() + 1) == 0  # young: an ingest may be copying it
+    monkeypatch.setattr(s3_staging, "WRITER_MIN_IDLE", 0.0)
     assert s3.purge_staging(time.time() + 1) == 1
     assert s3.staging_objects() == []
 
