@@ -96,3 +96,30 @@ def test_a_full_queue_drops_the_job_with_a_warning(registry: Registry, tmp_path:
         worker("team/app", "v1", manifest)
         worker("team/app", "v2", manifest)
     assert "transcode queue full: team/app:v2 is not converted" in caplog.text
+
+
+def test_a_conversion_of_an_image_the_tag_moved_off_is_not_tagged(
+        registry: Registry, tmp_path: Path) -> None:
+    """Two pushes of one tag, converted in turn (or by two workers): the conversion of the
+    older image may finish last, and must not take the alias from the newer one's."""
+    old = images.single_image(tmp_path / "old")
+    new, _ = images.multi_platform(tmp_path / "new")
+    load(registry, old.layout, old.digest, "team/app", "v1")
+    old_manifest = pushed(registry, "team/app", "v1")
+    load(registry, new.layout, new.digest, "team/app", "v1")  # the tag moves on
+    worker = TranscodeOnPush(registry, "zstd", 3)
+    try:
+        worker("team/app", "v1", old_manifest)  # the older push's job, run late
+        settle(worker)
+        assert "v1-zstd" not in registry.tag_map("team/app")
+        worker("team/app", "v1", pushed(registry, "team/app", "v1"))
+        settle(worker)
+        converted = registry.tag_map("team/app")["v1-zstd"]
+        worker("team/app", "v1", old_manifest)  # and once more, after the newer one's
+        settle(worker)
+    finally:
+        worker.close()
+    assert registry.tag_map("team/app")["v1-zstd"] == converted
+    assert made_by_transcode(registry, "team/app", "v1-zstd")
+    _, record = registry.get_manifest("team/app", "v1-zstd")
+    assert record.media_type == pushed(registry, "team/app", "v1").media_type  # new's: an index

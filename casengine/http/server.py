@@ -206,6 +206,7 @@ class TranscodeOnPush:
                                                       timeout)
 
     def convert(self, repo: str, tag: str, digest: str) -> None:
+        from casengine.errors import NotFound
         from casengine.transcode import default_tag, made_by_transcode, needs_transcode, transcode
 
         if not needs_transcode(self.registry, repo, digest):
@@ -216,8 +217,21 @@ class TranscodeOnPush:
             log.warning("transcode of %s:%s skipped: %s was pushed by a client", repo, tag,
                         new_tag)
             return
-        report = transcode(self.registry, repo, digest, to=self.to, level=self.level,
-                           tag=new_tag)
+        report = transcode(self.registry, repo, digest, to=self.to, level=self.level)
+        if report.target == digest:
+            return  # nothing to convert after all
+        # the tag may have moved on (or gone) while this ran: a later push's conversion
+        # tags that one, and this one must not overwrite it with an older image
+        try:
+            current = self.registry.resolve(repo, tag).digest
+        except NotFound:
+            current = None
+        if current != digest:
+            log.info("transcode of %s:%s (%s) not tagged %s: the tag now names %s", repo, tag,
+                     digest, new_tag, current or "nothing")
+            return
+        data, stored = self.registry.get_manifest(repo, report.target)
+        self.registry.put_manifest(repo, new_tag, data, stored.media_type)
         log.info("transcoded %s:%s to %s (%d layers converted, %d reused)", repo, tag, new_tag,
                  report.count("converted"), report.count("reused"))
 
