@@ -11,11 +11,17 @@ A grant is ``PATTERN:ACTIONS``: actions are ``pull``, ``push`` and ``delete``; i
 ``*`` matches any run of characters, slashes included, so ``team/*`` covers ``team/a`` and
 ``team/a/b``. Secrets are random, shown once, and stored only as an scrypt hash with a
 per-entry salt; they are compared in constant time.
+
+Every edit (:meth:`Credentials.edit`) holds an exclusive ``flock`` on ``<file>.lock`` from
+load to save: the save replaces the file by rename, so a lock on the file itself would be
+on an inode that a concurrent edit has already swapped out, and an unlocked
+read-modify-write lets a parallel ``auth add`` write back a user that ``auth rm`` removed.
 """
 
 from __future__ import annotations
 
 import base64
+import fcntl
 import fnmatch
 import hashlib
 import hmac
@@ -25,6 +31,8 @@ import re
 import secrets
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from casengine.errors import ConfigError, InvalidInput, NotFound
@@ -125,6 +133,25 @@ class Credentials:
         except (KeyError, TypeError, AttributeError, InvalidInput) as exc:
             raise ConfigError(f"the credentials file {path} is malformed: {exc}") from exc
         return cls(path, users, anonymous)
+
+    @classmethod
+    @contextmanager
+    def edit(cls, path: str, *, missing_ok: bool = False) -> Iterator[Credentials]:
+        """The file, loaded under ``<file>.lock`` and saved when the block ends without an
+        exception; edits by other processes wait for the lock."""
+        if not missing_ok:
+            cls.load(path)  # a missing file is refused before a lock file appears beside it
+        try:
+            fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot lock the credentials file {path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            creds = cls.load(path, missing_ok=missing_ok)
+            yield creds
+            creds.save()
+        finally:
+            os.close(fd)  # and with it the lock
 
     def save(self) -> None:
         doc = {"version": 1,

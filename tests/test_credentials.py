@@ -445,3 +445,38 @@ def test_cli_ls_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
     r = auth(tmp_path, "ls", "--file", str(tmp_path / "nope.json"))
     assert r.returncode == 8
     assert "does not exist" in one_error_line(r)
+
+
+def test_cli_concurrent_edits_are_serialised(tmp_path: Path) -> None:
+    """Parallel ``auth add``/``rm``/``rotate`` processes each load, change and save the
+    file: without a lock held from load to save, the last writer's stale copy wins, so
+    adds vanish and a removed (leaked) user comes back."""
+    import subprocess
+
+    from tests.helpers import casengine_command
+
+    f = tmp_path / "creds.json"
+    assert auth(tmp_path, "add", "--file", str(f), "leaked", "--grant", "*:pull,push").returncode == 0
+    assert auth(tmp_path, "add", "--file", str(f), "ci", "--grant", "ci/*:pull").returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASENGINE_")}
+
+    def start(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([*casengine_command(), "auth", *args, "--file", str(f)],
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+
+    adds = {f"user{i}": start("add", f"user{i}", "--grant", "team/*:pull") for i in range(8)}
+    others = [start("rm", "leaked"), start("rotate", "ci")]
+    out = {}
+    for name, p in [*adds.items(), ("rm", others[0]), ("rotate", others[1])]:
+        stdout, stderr = p.communicate(timeout=30)
+        assert p.returncode == 0, (name, stderr)
+        out[name] = stdout.decode().splitlines()[-1] if stdout else ""
+
+    creds = Credentials.load(str(f))
+    assert set(creds.users) == {"ci", *adds}
+    for name in adds:
+        assert creds.check(name, out[name]) is not None, name
+    assert creds.check("ci", out["rotate"]) is not None
+    assert not list(tmp_path.glob(".credentials-*"))  # no temp file left behind
+

@@ -36,21 +36,20 @@ def add(path: str, user: str | None, grants: tuple[str, ...], anonymous: bool) -
 
     if not grants:
         raise click.UsageError("give at least one --grant PATTERN:ACTIONS")
-    creds = Credentials.load(path, missing_ok=True)
     parsed = _grants(grants)
     if anonymous:
         if user:
             raise click.UsageError("--anonymous takes no USER")
         if any(g.actions - {"pull"} for g in parsed):
             raise InvalidInput("anonymous access can only be pull")
-        creds.anonymous.extend(parsed)
-        creds.save()
+        with Credentials.edit(path, missing_ok=True) as creds:
+            creds.anonymous.extend(parsed)
         click.echo(f"anonymous pull on {', '.join(g.pattern for g in parsed)}")
         return
     if not user:
         raise click.UsageError("missing USER (or --anonymous)")
-    secret = creds.add(user, parsed)
-    creds.save()
+    with Credentials.edit(path, missing_ok=True) as creds:
+        secret = creds.add(user, parsed)
     click.echo(f"added {user} with {', '.join(str(g) for g in parsed)}; its secret, shown once:",
                err=True)
     click.echo(secret)
@@ -79,23 +78,23 @@ def ls(path: str, as_json: bool) -> None:
 @FILE
 @click.argument("user")
 def rm(path: str, user: str) -> None:
-    """Remove USER; its secret and tokens stop working at once."""
+    """Remove USER; its secret and tokens stop working at once, and a user added later
+    under the same name does not inherit them."""
     from casengine.credentials import Credentials
 
-    creds = Credentials.load(path)
-    creds.remove(user)
-    creds.save()
+    with Credentials.edit(path) as creds:
+        creds.remove(user)
 
 
 @auth.command("rotate")
 @FILE
 @click.argument("user")
 def rotate(path: str, user: str) -> None:
-    """Give USER a new secret (printed once, as the last line); the old one stops working."""
+    """Give USER a new secret (printed once, as the last line); the old one, and the
+    tokens issued for it, stop working."""
     from casengine.credentials import Credentials
 
-    creds = Credentials.load(path)
-    secret = creds.rotate(user)
-    creds.save()
+    with Credentials.edit(path) as creds:
+        secret = creds.rotate(user)
     click.echo(f"new secret for {user}, shown once:", err=True)
     click.echo(secret)
