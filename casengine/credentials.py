@@ -84,15 +84,27 @@ def hash_secret(secret: str) -> str:
             f"{b64(salt).decode()}${b64(digest).decode()}")
 
 
-def verify_secret(secret: str, stored: str) -> bool:
+def _parse_hash(stored: str) -> tuple[int, int, int, bytes, bytes]:
+    """n, r, p, salt and hash of a stored ``scrypt$n$r$p$salt$hash``; ValueError if it is
+    not one, or asks for more work than :data:`_MAX_COST`; TypeError if not a string."""
+    if not isinstance(stored, str):
+        raise TypeError(f"a stored secret is a string, not {type(stored).__name__}")
     try:
         scheme, n_, r_, p_, salt, want = stored.split("$")
         n, r, p = int(n_), int(r_), int(p_)
-        if scheme != "scrypt" or min(n, r, p) < 1 or n * r * p > _MAX_COST:
-            return False
-        got = hashlib.scrypt(secret.encode(), salt=base64.b64decode(salt), n=n, r=r, p=p,
-                             dklen=32)
-        expected = base64.b64decode(want)
+        parsed = (n, r, p, base64.b64decode(salt, validate=True),
+                  base64.b64decode(want, validate=True))
+    except (ValueError, TypeError) as exc:  # binascii.Error is a ValueError
+        raise ValueError("a stored secret is 'scrypt$N$R$P$SALT$HASH'") from exc
+    if scheme != "scrypt" or min(n, r, p) < 1 or n * r * p > _MAX_COST:
+        raise ValueError("a stored secret is 'scrypt$N$R$P$SALT$HASH' with a sane cost")
+    return parsed
+
+
+def verify_secret(secret: str, stored: str) -> bool:
+    try:
+        n, r, p, salt, expected = _parse_hash(stored)
+        got = hashlib.scrypt(secret.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
     except (ValueError, TypeError, OverflowError):  # a malformed stored hash verifies nothing
         return False
     return hmac.compare_digest(got, expected)
@@ -127,10 +139,9 @@ class Credentials:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read the credentials file {path}: {exc}") from exc
         try:
-            users = {name: User(name, u["secret"], [Grant.parse(g) for g in u["grants"]],
-                                u.get("created", 0.0)) for name, u in doc["users"].items()}
+            users = {name: _user_of(name, u) for name, u in doc["users"].items()}
             anonymous = [Grant.parse(g) for g in doc.get("anonymous", [])]
-        except (KeyError, TypeError, AttributeError, InvalidInput) as exc:
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:  # InvalidInput too
             raise ConfigError(f"the credentials file {path} is malformed: {exc}") from exc
         return cls(path, users, anonymous)
 
@@ -204,6 +215,24 @@ class Credentials:
             verify_secret(secret, _DUMMY)  # the same work, so timing tells nothing
             return None
         return user if verify_secret(secret, user.secret_hash) else None
+
+
+def _user_of(name: str, entry: dict) -> User:
+    """One user's entry of the file, checked: a secret that is not a stored hash would
+    otherwise surface as an error at every login instead of once, here."""
+    if not isinstance(name, str) or not _USER.fullmatch(name):
+        raise ValueError(f"invalid user name {name!r}")
+    try:
+        _parse_hash(entry["secret"])
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"user {name!r}: {exc}") from None
+    grants = entry["grants"]
+    if not isinstance(grants, list):
+        raise TypeError(f"user {name!r}: grants are a list of 'PATTERN:ACTIONS'")
+    created = entry.get("created", 0.0)
+    if not isinstance(created, (int, float)):
+        raise TypeError(f"user {name!r}: created is a number")
+    return User(name, entry["secret"], [Grant.parse(g) for g in grants], created)
 
 
 _DUMMY = hash_secret(secrets.token_urlsafe(32))

@@ -480,3 +480,21 @@ def test_cli_concurrent_edits_are_serialised(tmp_path: Path) -> None:
     assert creds.check("ci", out["rotate"]) is not None
     assert not list(tmp_path.glob(".credentials-*"))  # no temp file left behind
 
+
+@pytest.mark.parametrize("entry", [
+    {"secret": None, "grants": ["team/*:pull"]},
+    {"secret": 12, "grants": ["team/*:pull"]},
+    {"secret": "plaintext", "grants": ["team/*:pull"]},
+    {"secret": "scrypt$1024$8$10401$AAAA$AAAA", "grants": ["team/*:pull"]},  # cost
+    {"secret": "scrypt$16384$8$1$!!$AAAA", "grants": ["team/*:pull"]},
+    {"secret": "<hash>", "grants": "team/*:pull"},  # one string, not a list
+    {"secret": "<hash>", "grants": ["team/*:pull"], "created": "yesterday"},
+])
+def test_a_malformed_user_entry_is_a_load_error(tmp_path: Path, entry: dict) -> None:
+    """Found by the auth sweep: ``"secret": null`` loaded fine, then every login of the user
+    raised inside verify_secret (a 500 with a traceback per request)."""
+    entry = {k: hash_secret("x") if v == "<hash>" else v for k, v in entry.items()}
+    path = tmp_path / "creds.json"
+    path.write_text(json.dumps({"version": 1, "users": {"ci": entry}}))
+    with pytest.raises(ConfigError, match="malformed.*ci"):
+        Credentials.load(str(path))

@@ -23,6 +23,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import math
 import os
 import re
@@ -34,6 +35,8 @@ from typing import Any
 from casengine.credentials import Credentials, Grant, allowed
 from casengine.errors import ConfigError
 from casengine.http.asgi import HTTPError, Request, Send, blocking, respond_json
+
+log = logging.getLogger("casengine.http.auth")
 
 SERVICE = "casengine"
 TOKEN_TTL = 300
@@ -116,35 +119,58 @@ class TokenAuth:
         self.public_url = public_url
         self._cache_key = os.urandom(32)
         self._basic: dict[bytes, tuple[str, float]] = {}
-        self._mtime = -1.0
+        self._stat: tuple[int, ...] | None = None
+        self._broken: str | None = None  #: why the file cannot be used now, once logged
         self._creds = Credentials(path)
-        self._reload()  # first: a missing file is an error before any key is made
+        self._refresh()  # first: a missing file is an error before any key is made
         self.key = load_key(path + ".key")
 
     @classmethod
     def from_file(cls, path: str, public_url: str | None = None) -> TokenAuth:
         return cls(path, public_url=public_url)
 
-    def _reload(self) -> None:
+    def _refresh(self) -> None:
         try:
-            mtime = os.stat(self.path).st_mtime
+            st = os.stat(self.path)
         except FileNotFoundError:
             raise ConfigError(f"credentials file {self.path} does not exist: create it with "
                               "'casengine auth add --file PATH USER --grant ...'") from None
-        if mtime != self._mtime:
+        except OSError as exc:
+            raise ConfigError(f"cannot read the credentials file {self.path}: {exc}") from exc
+        stat = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+        if stat != self._stat:
             self._creds = Credentials.load(self.path)
-            self._mtime = mtime
+            self._stat = stat
             self._basic.clear()
+
+    def _reload(self) -> None:
+        """The file as it is now. While it is missing or malformed nobody can be checked,
+        so every request that needs it fails closed with a 503 (the last good copy might
+        hold a user just removed), and the cause is logged once, not once per request."""
+        try:
+            self._refresh()
+        except ConfigError as exc:
+            if self._broken != str(exc):
+                self._broken = str(exc)
+                log.error("%s: answering 503 until it is mended", exc)
+            raise HTTPError(503, "UNAVAILABLE", "the registry cannot check credentials now: "
+                            "its credentials file is missing or malformed (see its log)",
+                            headers={"Retry-After": "10"}) from None
+        if self._broken is not None:
+            self._broken = None
+            log.warning("the credentials file %s is readable again", self.path)
 
     # -- who is asking --------------------------------------------------------------------
 
+    def _anonymous(self) -> list[Grant]:
+        return [g for g in self._creds.anonymous if g.actions <= {"pull"}]
+
     def _grants(self, identity: Identity) -> list[Grant]:
         # what anyone may pull, a signed-in user may pull too
-        anonymous = [g for g in self._creds.anonymous if g.actions <= {"pull"}]
         if identity.user is None:
-            return anonymous
+            return self._anonymous()
         user = self._creds.users.get(identity.user)
-        return (user.grants if user else []) + anonymous
+        return (user.grants if user else []) + self._anonymous()
 
     def allowed(self, identity: Identity, repository: str) -> frozenset[str]:
         if identity.token_access is not None:
@@ -156,22 +182,18 @@ class TokenAuth:
     def can_read(self, identity: Identity | None, repository: str) -> bool:
         return "pull" in self.allowed(identity or ANONYMOUS, repository)
 
-    async def _basic_user(self, header: str) -> str:
-        try:
-            name, _, secret = base64.b64decode(header, validate=True).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
-            raise self._challenge(None, "malformed Basic credentials") from None
+    async def _basic_user(self, name: str, secret: str, request: Request | None) -> str:
         key = hmac.new(self._cache_key, f"{name}\0{secret}".encode(), hashlib.sha256).digest()
         hit = self._basic.get(key)
         if hit is not None and hit[1] > time.monotonic():
             return hit[0]
         user = await blocking(self._creds.check, name, secret)  # scrypt: off the event loop
         if user is None:
-            raise self._challenge(None, "wrong user name or secret")
+            raise self._challenge(None, "wrong user name or secret", request=request)
         self._basic[key] = (user.name, time.monotonic() + BASIC_CACHE_TTL)
         return user.name
 
-    def _bearer(self, token: str) -> Identity:
+    def _bearer(self, token: str, request: Request | None = None) -> Identity:
         try:
             payload, _, signature = token.partition(".")
             want = hmac.new(self.key, payload.encode(), hashlib.sha256).digest()
@@ -186,18 +208,25 @@ class TokenAuth:
             access = {k: frozenset(v.split(",")) for k, v in acc.items()}
             return Identity(sub, access)
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise self._challenge(None, "invalid or expired token") from None
+            raise self._challenge(None, "invalid or expired token", request=request) from None
 
     async def identify(self, request: Request) -> Identity:
         self._reload()
         header = request.header("authorization") or ""
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "basic":
-            return Identity(await self._basic_user(value.strip()))
+            try:
+                decoded = base64.b64decode(value.strip(), validate=True).decode()
+            except (ValueError, UnicodeDecodeError):
+                raise self._challenge(None, "malformed Basic credentials",
+                                      request=request) from None
+            name, _, secret = decoded.partition(":")
+            return Identity(await self._basic_user(name, secret, request))
         if scheme.lower() == "bearer":
-            identity = self._bearer(value.strip())
+            identity = self._bearer(value.strip(), request)
             if identity.user is not None and identity.user not in self._creds.users:
-                raise self._challenge(None, "the token's user no longer exists")
+                raise self._challenge(None, "the token's user no longer exists",
+                                      request=request)
             return identity
         return ANONYMOUS
 
@@ -220,10 +249,7 @@ class TokenAuth:
 
     async def authorize(self, request: Request, repository: str | None,
                         actions: frozenset[str]) -> Identity:
-        try:
-            identity = await self.identify(request)
-        except HTTPError as exc:
-            raise self._challenge(None, exc.message, request=request) from None
+        identity = await self.identify(request)
         if repository is None:
             if request.path.rstrip("/") == "/v2" and identity.user is None:
                 raise self._challenge(None, "authentication required", request=request)
@@ -247,13 +273,14 @@ class TokenAuth:
         if scheme == "bearer":  # a token is never traded for another, possibly wider, one
             raise self._challenge(None, "the token endpoint takes Basic credentials",
                                   request=request)
-        who = await self.identify(request)
-        wanted = parse_scopes(request.query_all("scope"))
-        granted = {repo: actions & allowed(self._grants(who), repo)
-                   for repo, actions in wanted.items()}
+        who, scopes = await self.identify(request), request.query_all("scope")
+        grants = self._grants(who)
+        granted = {repo: wanted & allowed(grants, repo)
+                   for repo, wanted in parse_scopes(scopes).items()}
+        acc = {repo: ",".join(sorted(a)) for repo, a in granted.items() if a}
         now = time.time()
-        claims = {"sub": who.user, "iat": now, "exp": now + self.token_ttl,
-                  "acc": {repo: ",".join(sorted(a)) for repo, a in granted.items() if a}}
+        claims: dict[str, Any] = {"sub": who.user, "iat": now, "exp": now + self.token_ttl,
+                                  "acc": acc}
         payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
         signature = _b64(hmac.new(self.key, payload.encode(), hashlib.sha256).digest())
         token = f"{payload}.{signature}"

@@ -1,0 +1,157 @@
+"""``casengine serve --auth FILE``: the life of a token and the token endpoint's edges.
+
+Tokens end with the secret they were issued for (``auth rotate``, ``auth rm`` then ``auth
+add`` of the same name) while grant changes still apply to live ones; ``POST /token`` is
+an OAuth2 password grant (what containerd, nerdctl and the kubelet send); the catalog
+works through the token flow (``registry:catalog:*``) and challenges anonymous callers
+when anonymous may pull nothing; a credentials file that goes missing or bad while the
+server runs gives 503s, logged once.
+
+A real server (a subprocess on 127.0.0.1) and, for the file edits, the real ``casengine
+auth`` CLI. Users: admin ``*:pull``, alice ``team/*:pull,push``, carol ``team/ro/*:pull``;
+no anonymous grants (test_auth_http.py covers a server with some).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from casengine.credentials import Credentials, Grant
+from tests.auth_helpers import (
+    AuthServer,
+    Bearer,
+    parse_challenge,
+)
+from tests.helpers import free_port, run_cli
+
+USERS = {"admin": ["*:pull"], "alice": ["team/*:pull,push"], "carol": ["team/ro/*:pull"]}
+
+
+def _server(base: Path, anonymous: list[str]) -> AuthServer:
+    server = AuthServer(root=base / "root", auth_file=base / "credentials.json",
+                        log=base / "serve.log")
+    server.add_users(USERS, anonymous)
+    server.start()
+    return server
+
+
+def _no_traceback(server: AuthServer) -> None:
+    log = server.log_text()
+    assert "Traceback" not in log, f"casengine serve logged an error:\n{log[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer]:
+    server = _server(tmp_path_factory.mktemp("auth-tokens"), [])
+    try:
+        yield server
+    finally:
+        server.stop()
+    _no_traceback(server)
+
+
+@pytest.fixture
+def own_srv(tmp_path: Path) -> Iterator[AuthServer]:
+    """A server of the test's own, for edits that would disturb the others."""
+    server = _server(tmp_path, [])
+    try:
+        yield server
+    finally:
+        server.stop()
+    _no_traceback(server)
+
+
+def cli(srv: AuthServer, *args: str) -> str:
+    """``casengine auth ARGS --file <the server's file>``; its last line of stdout."""
+    r = run_cli(["auth", *args, "--file", str(srv.auth_file)], cwd=srv.auth_file.parent)
+    assert r.returncode == 0, r.stderr
+    return (r.stdout.decode().splitlines() or [""])[-1]
+
+
+def challenge(srv: AuthServer, r: httpx.Response) -> dict[str, str]:
+    assert r.status_code == 401, (r.status_code, r.text)
+    params = parse_challenge(r.headers["WWW-Authenticate"])
+    assert params["realm"] == f"{srv.url}/token" and params["service"] == "casengine"
+    return params
+
+
+def bearer(srv: AuthServer, token: str) -> httpx.Client:
+    return httpx.Client(base_url=srv.url, auth=Bearer(token), timeout=30)
+
+
+# -- tokens end with their secret -------------------------------------------------------------
+
+
+# -- POST /token: the OAuth2 password grant -----------------------------------------------------
+
+
+def _form(user: str, password: str, **more: str) -> dict[str, str]:
+    return {"grant_type": "password", "service": "casengine", "client_id": "containerd-client",
+            "username": user, "password": password, **more}
+
+
+def test_a_wrong_password_on_get_token_names_an_absolute_realm(srv: AuthServer) -> None:
+    r = httpx.get(f"{srv.url}/token", params={"scope": "repository:team/app:pull"},
+                  auth=("alice", "WRONG"))
+    challenge(srv, r)
+
+
+# -- the catalog through the token flow ----------------------------------------------------------
+
+
+# -- a credentials file that goes bad at runtime -----------------------------------------------
+
+
+def test_a_broken_credentials_file_is_a_503_logged_once(own_srv: AuthServer) -> None:
+    srv = own_srv
+    good = srv.auth_file.read_bytes()
+    doc = json.loads(good)
+    alice = ("alice", srv.secrets["alice"])
+    breakages = {
+        "secret null": json.dumps({**doc, "users": {**doc["users"], "alice": {
+            **doc["users"]["alice"], "secret": None}}}).encode(),
+        "secret 12": json.dumps({**doc, "users": {**doc["users"], "alice": {
+            **doc["users"]["alice"], "secret": 12}}}).encode(),
+        "half written": good[: len(good) // 2],
+        "deleted": None,
+    }
+    for what, content in breakages.items():
+        if content is None:
+            srv.auth_file.unlink()
+        else:
+            srv.auth_file.write_bytes(content)
+        for _ in range(3):
+            for r in (httpx.get(f"{srv.url}/v2/team/app/tags/list", auth=alice),
+                      httpx.get(f"{srv.url}/v2/_catalog"),
+                      httpx.get(f"{srv.url}/token", auth=alice),
+                      httpx.post(f"{srv.url}/token", data=_form(*alice))):
+                assert r.status_code == 503, (what, r.status_code, r.text)
+                assert "credentials file" in r.text, what
+        srv.auth_file.write_bytes(good)
+        time.sleep(0.01)
+        r = httpx.get(f"{srv.url}/v2/team/app/tags/list", auth=alice)
+        assert r.status_code == 404, (what, r.text)  # mended: alice is back
+    log = srv.log_text()
+    assert log.count("answering 503") == len(breakages), log
+    assert log.count("readable again") == len(breakages), log
+
+
+def test_a_malformed_secret_stops_serve_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "credentials.json"
+    creds = Credentials.load(str(path), missing_ok=True)
+    creds.add("ci", [Grant.parse("team/*:pull")])
+    creds.save()
+    doc = json.loads(path.read_text())
+    doc["users"]["ci"]["secret"] = None
+    path.write_text(json.dumps(doc))
+    r = run_cli(["--root", str(tmp_path / "root"), "serve", "--host", "127.0.0.1", "--port",
+                 str(free_port()), "--auth", str(path)], cwd=tmp_path, timeout=10)
+    out = r.stderr.decode()
+    assert r.returncode not in (0, None), out
+    assert "Traceback" not in out and "malformed" in out and "ci" in out, out
