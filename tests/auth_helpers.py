@@ -109,6 +109,12 @@ class AuthServer(ServeProcess):
         """The server's token signing key (``<auth file>.key``, 64 hex digits)."""
         return bytes.fromhex(Path(f"{self.auth_file}.key").read_text().strip())
 
+    def secret_id(self, user: str) -> str:
+        """The fingerprint of ``user``'s stored secret that the server's tokens carry as
+        ``sid``: ``b64url(HMAC-SHA256(key, stored hash)[:12])``."""
+        stored = Credentials.load(str(self.auth_file)).users[user].secret_hash
+        return b64url(hmac.new(self.key, stored.encode(), hashlib.sha256).digest()[:12])
+
     def add_users(self, users: dict[str, list[str]], anonymous: list[str]) -> None:
         creds = Credentials.load(str(self.auth_file), missing_ok=True)
         for name, grants in users.items():

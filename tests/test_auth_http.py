@@ -297,7 +297,7 @@ def test_forged_tokens_are_refused(srv: AuthServer) -> None:
 def test_expired_token_is_refused(srv: AuthServer) -> None:
     now = time.time()
     claims = {"sub": "alice", "iat": now - 600, "exp": now - 1,
-              "acc": {"team/exp": "pull,push"}}
+              "acc": {"team/exp": "pull,push"}, "sid": srv.secret_id("alice")}
     data = unique("expired")
     with httpx.Client(base_url=srv.url, auth=Bearer(make_token(srv.key, claims))) as c:
         challenge(srv, c.get("/v2/"))
@@ -315,7 +315,8 @@ def test_a_token_never_exceeds_the_current_grants(srv: AuthServer) -> None:
     """A validly signed token claiming more than the user's grants gets only the grants."""
     now = time.time()
     claims = {"sub": "carol", "iat": now, "exp": now + 60,
-              "acc": {"team/ro/over": "pull,push,delete", "other/over": "pull,push"}}
+              "acc": {"team/ro/over": "pull,push,delete", "other/over": "pull,push"},
+              "sid": srv.secret_id("carol")}
     data = unique("over")
     with httpx.Client(base_url=srv.url, auth=Bearer(make_token(srv.key, claims))) as c:
         denied(push_blob(c, "team/ro/over", data))
@@ -798,15 +799,17 @@ def test_token_signature_is_compared_in_constant_time(token_auth: TokenAuth,
 
     monkeypatch.setattr(hmac, "compare_digest", counting)
     now = time.time()
+    sid = token_auth.secret_id(Credentials.load(token_auth.path).users["alice"])
     good = make_token(token_auth.key, {"sub": "alice", "iat": now, "exp": now + 60,
-                                       "acc": {"team/a": "pull"}})
+                                       "acc": {"team/a": "pull"}, "sid": sid})
     assert _authorize(token_auth, good).user == "alice"
-    assert len(calls) == 1 and all(len(x) == 32 for x in calls[0])
+    # the signature, then the fingerprint of the secret the token was issued for
+    assert len(calls) == 2 and all(len(x) == 32 for x in calls[0]) and calls[1] == (sid, sid)
     payload, _, signature = good.partition(".")
     with pytest.raises(HTTPError) as refused:
         _authorize(token_auth, f"{payload}.{_flip(signature, 5)}")
     assert refused.value.status == 401 and refused.value.code == "UNAUTHORIZED"
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 _NOW = time.time()

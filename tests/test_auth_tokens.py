@@ -15,6 +15,7 @@ no anonymous grants (test_auth_http.py covers a server with some).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,10 @@ from casengine.credentials import Credentials, Grant
 from tests.auth_helpers import (
     AuthServer,
     Bearer,
+    error_code,
     parse_challenge,
+    push_blob,
+    sha256,
 )
 from tests.helpers import free_port, run_cli
 
@@ -86,6 +90,45 @@ def bearer(srv: AuthServer, token: str) -> httpx.Client:
 
 
 # -- tokens end with their secret -------------------------------------------------------------
+
+
+def test_rotate_ends_the_tokens_of_the_old_secret(srv: AuthServer) -> None:
+    old = cli(srv, "add", "rot", "--grant", "team/rot/*:pull,push")
+    token = srv.token("rot", "repository:team/rot/app:pull,push", secret=old)
+    assert bearer(srv, token).get("/v2/team/rot/app/tags/list").status_code == 404  # works
+
+    new = cli(srv, "rotate", "rot")
+    data = os.urandom(100)
+    with bearer(srv, token) as c:
+        challenge(srv, c.get("/v2/team/rot/app/tags/list"))
+        challenge(srv, push_blob(c, "team/rot/app", data))
+    assert not srv.exists("team/rot/app") and not srv.stored(sha256(data))
+    fresh = srv.token("rot", "repository:team/rot/app:pull,push", secret=new)
+    assert push_blob(bearer(srv, fresh), "team/rot/app", data).status_code == 201
+
+
+def test_a_recreated_user_does_not_inherit_the_old_ones_tokens(srv: AuthServer) -> None:
+    first = cli(srv, "add", "reborn", "--grant", "team/reborn/*:pull,push")
+    token = srv.token("reborn", "repository:team/reborn/app:pull,push", secret=first)
+    cli(srv, "rm", "reborn")
+    cli(srv, "add", "reborn", "--grant", "team/reborn/*:pull,push")  # the same grants
+    data = os.urandom(100)
+    with bearer(srv, token) as c:
+        challenge(srv, c.get("/v2/team/reborn/app/tags/list"))
+        challenge(srv, push_blob(c, "team/reborn/app", data))
+    assert not srv.exists("team/reborn/app")
+
+
+def test_grant_changes_apply_to_live_tokens(srv: AuthServer) -> None:
+    secret = cli(srv, "add", "narrowed", "--grant", "team/narrow/*:pull,push")
+    token = srv.token("narrowed", "repository:team/narrow/app:pull,push", secret=secret)
+    with Credentials.edit(str(srv.auth_file)) as creds:
+        creds.users["narrowed"].grants = [Grant.parse("team/narrow/*:pull")]
+    with bearer(srv, token) as c:
+        assert c.get("/v2/team/narrow/app/tags/list").status_code == 404  # still may pull
+        r = push_blob(c, "team/narrow/app", os.urandom(100))
+        assert r.status_code == 403 and error_code(r) == "DENIED"
+    assert not srv.exists("team/narrow/app")
 
 
 # -- POST /token: the OAuth2 password grant -----------------------------------------------------

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from casengine.credentials import Credentials, Grant, allowed
+from casengine.credentials import Credentials, Grant, User, allowed
 from casengine.errors import ConfigError
 from casengine.http.asgi import HTTPError, Request, Send, blocking, respond_json
 
@@ -64,6 +64,8 @@ class Identity:
     user: str | None  #: None for anonymous
     #: for a Bearer token: repository -> actions the token carries; None otherwise
     token_access: dict[str, frozenset[str]] | None = None
+    #: a token's fingerprint of the secret it was issued for (see TokenAuth.secret_id)
+    secret_id: str | None = None
 
 
 ANONYMOUS = Identity(None)
@@ -172,6 +174,12 @@ class TokenAuth:
         user = self._creds.users.get(identity.user)
         return (user.grants if user else []) + self._anonymous()
 
+    def secret_id(self, user: User) -> str:
+        """A short fingerprint of ``user``'s stored secret, which every token of the user
+        names: a rotation or a new user of the same name (a fresh salt) changes it, and so
+        ends the tokens issued before. Keyed, so a token tells nothing of the hash."""
+        return _b64(hmac.new(self.key, user.secret_hash.encode(), hashlib.sha256).digest()[:12])
+
     def allowed(self, identity: Identity, repository: str) -> frozenset[str]:
         if identity.token_access is not None:
             # a token can never carry more than its user's grants allow now
@@ -201,12 +209,14 @@ class TokenAuth:
                 raise ValueError("bad signature")
             claims = json.loads(_unb64(payload))
             exp, sub, acc = claims["exp"], claims["sub"], claims["acc"]
+            sid = claims.get("sid")
             if not isinstance(exp, (int, float)) or not math.isfinite(exp) or exp < time.time():
                 raise ValueError("expired")
-            if not (sub is None or isinstance(sub, str)) or not isinstance(acc, dict):
+            if not (sub is None or isinstance(sub, str)) or not isinstance(acc, dict) \
+                    or not (sid is None or isinstance(sid, str)):
                 raise ValueError("malformed claims")
             access = {k: frozenset(v.split(",")) for k, v in acc.items()}
-            return Identity(sub, access)
+            return Identity(sub, access, sid)
         except (ValueError, KeyError, TypeError, AttributeError):
             raise self._challenge(None, "invalid or expired token", request=request) from None
 
@@ -224,9 +234,12 @@ class TokenAuth:
             return Identity(await self._basic_user(name, secret, request))
         if scheme.lower() == "bearer":
             identity = self._bearer(value.strip(), request)
-            if identity.user is not None and identity.user not in self._creds.users:
-                raise self._challenge(None, "the token's user no longer exists",
-                                      request=request)
+            if identity.user is not None:
+                user = self._creds.users.get(identity.user)
+                if user is None or identity.secret_id is None or not hmac.compare_digest(
+                        identity.secret_id, self.secret_id(user)):
+                    raise self._challenge(None, "the token's user was removed or its secret "
+                                          "rotated since it was issued", request=request)
             return identity
         return ANONYMOUS
 
@@ -281,6 +294,8 @@ class TokenAuth:
         now = time.time()
         claims: dict[str, Any] = {"sub": who.user, "iat": now, "exp": now + self.token_ttl,
                                   "acc": acc}
+        if who.user is not None:
+            claims["sid"] = self.secret_id(self._creds.users[who.user])
         payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
         signature = _b64(hmac.new(self.key, payload.encode(), hashlib.sha256).digest())
         token = f"{payload}.{signature}"
