@@ -254,10 +254,11 @@ def test_token_only_carries_what_the_grants_allow(srv: AuthServer) -> None:
         denied(c.get("/v2/other/x/tags/list"))
     assert not srv.exists("other/x") and not srv.stored(sha256(data))
 
-    # several scopes, some wider than the grants: only the granted subset
+    # several scopes, some wider than the grants: for each repository asked about, what
+    # the grants allow there (more than asked for on team/ro/y), never more
     token = srv.token("alice", "repository:team/sub:pull,push,delete",
                       "repository:other/x:pull", "repository:team/ro/y:pull")
-    assert token_claims(token)["acc"] == {"team/sub": "pull,push", "team/ro/y": "pull"}
+    assert token_claims(token)["acc"] == {"team/sub": "pull,push", "team/ro/y": "pull,push"}
     token = srv.token("carol", "repository:team/ro/y:pull,push repository:team/z:pull")
     assert token_claims(token)["acc"] == {"team/ro/y": "pull"}
 
@@ -339,8 +340,10 @@ def test_a_token_cannot_be_traded_for_a_wider_one(srv: AuthServer) -> None:
 
 def test_insufficient_scope_versus_denied(srv: AuthServer) -> None:
     data = unique("scope")
-    # alice may push to team/scope, but her token only carries pull: ask for a wider token
-    token = srv.token("alice", "repository:team/scope:pull")
+    # alice may push to team/scope, but her token is for another repository: ask for a
+    # wider token (a token for a repository carries all she may do there)
+    token = srv.token("alice", "repository:team/scope-other:pull")
+    assert token_claims(token)["acc"] == {"team/scope-other": "pull,push"}
     r = push_blob(httpx.Client(base_url=srv.url, auth=Bearer(token)), "team/scope", data)
     params = challenge(srv, r)
     assert params["error"] == "insufficient_scope"
@@ -952,14 +955,13 @@ def test_oras_round_trip_with_basic(srv: AuthServer, oras_client, tmp_path: Path
 
 
 def test_oras_token_flow(srv: AuthServer, oras_client, tmp_path: Path) -> None:
-    """oras-py's token backend: a pull follows the challenge to /token with Basic; a push
-    uses a pull,push token from /token (oras-py keeps the first token it gets and does not
-    ask for a wider one on ``insufficient_scope``, so it cannot start a push from the
-    pull-only token its blob existence check would get)."""
+    """oras-py's token backend: a pull or a push follows the challenge to /token with
+    Basic. oras-py keeps the first token it gets (for its blob existence check, whose
+    challenge asks for pull) and does not ask for a wider one on ``insufficient_scope``,
+    so a push works only because a token carries all the grants allow on its repository."""
     data = unique("oras-token") * 50
     Path("artifact.bin").write_bytes(data)
     pusher = oras_client("alice", backend="token")
-    pusher.auth.set_token_auth(srv.token("alice", "repository:team/oras/tok:pull,push"))
     r = pusher.push(target=f"{srv.host}/team/oras/tok:v1", files=["artifact.bin"], quiet=True)
     assert r.status_code == 201, r.text
     assert srv.linked("team/oras/tok", sha256(data))
@@ -973,7 +975,7 @@ def test_oras_token_flow(srv: AuthServer, oras_client, tmp_path: Path) -> None:
     files = puller.pull(target=f"{srv.host}/team/oras/tok:v1", outdir=str(tmp_path / "out"))
     assert [Path(f).read_bytes() for f in files] == [data]
     assert puller.auth.token and token_claims(puller.auth.token)["acc"] == \
-        {"team/oras/tok": "pull"}
+        {"team/oras/tok": "pull,push"}
 
 
 def test_oras_refused(srv: AuthServer, oras_client) -> None:

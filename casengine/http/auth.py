@@ -288,8 +288,10 @@ class TokenAuth:
                                   request=request)
         who, scopes = await self.identify(request), request.query_all("scope")
         grants = self._grants(who)
-        granted = {repo: wanted & allowed(grants, repo)
-                   for repo, wanted in parse_scopes(scopes).items()}
+        # every action the grants allow, not just those asked for: oras-py keeps the token
+        # of its first (pull) request for the whole push, and another client asks again
+        granted = {repo: allowed(grants, repo) for repo, wanted in parse_scopes(scopes).items()
+                   if wanted}
         acc = {repo: ",".join(sorted(a)) for repo, a in granted.items() if a}
         now = time.time()
         claims: dict[str, Any] = {"sub": who.user, "iat": now, "exp": now + self.token_ttl,
