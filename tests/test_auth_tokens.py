@@ -31,6 +31,7 @@ from tests.auth_helpers import (
     parse_challenge,
     push_blob,
     sha256,
+    token_claims,
 )
 from tests.helpers import free_port, run_cli
 
@@ -146,6 +147,45 @@ def test_a_wrong_password_on_get_token_names_an_absolute_realm(srv: AuthServer) 
 
 
 # -- the catalog through the token flow ----------------------------------------------------------
+
+
+def test_catalog_through_the_token_flow(srv: AuthServer) -> None:
+    for repo in ("team/cat/a", "team/ro/cat", "other/cat"):
+        with srv.registry() as reg:
+            reg.create_repository(repo)
+    everything = sorted(srv.repositories())
+    # anonymous may pull nothing here: a challenge for the catalog, not an empty list
+    params = challenge(srv, httpx.get(f"{srv.url}/v2/_catalog"))
+    assert params["scope"] == "registry:catalog:*"
+    # following it: admin (*:pull) sees everything, carol what her grants cover
+    for user, want in (("admin", everything),
+                       ("carol", [r for r in everything if r.startswith("team/ro/")])):
+        token = srv.token(user, params["scope"])
+        assert token_claims(token)["acc"] == {}  # the catalog opens no repository
+        r = bearer(srv, token).get("/v2/_catalog")
+        assert r.status_code == 200, r.text
+        assert r.json()["repositories"] == want, user
+        assert push_blob(bearer(srv, token), "team/ro/cat", b"x").status_code in (401, 403)
+    # an anonymous token for it gets nothing, and the challenge again
+    token = srv.token(None, "registry:catalog:*")
+    assert "cat" not in token_claims(token)
+    challenge(srv, bearer(srv, token).get("/v2/_catalog"))
+
+
+def test_anonymous_catalog_is_kept_where_anonymous_may_pull(tmp_path: Path) -> None:
+    server = _server(tmp_path, ["public/*:pull"])
+    try:
+        with server.registry() as reg:
+            for repo in ("public/a", "team/b"):
+                reg.create_repository(repo)
+        r = httpx.get(f"{server.url}/v2/_catalog")
+        assert r.status_code == 200 and r.json()["repositories"] == ["public/a"]
+        token = server.token("alice", "registry:catalog:*")
+        r = bearer(server, token).get("/v2/_catalog")
+        assert r.json()["repositories"] == ["public/a", "team/b"]
+    finally:
+        server.stop()
+    _no_traceback(server)
 
 
 # -- a credentials file that goes bad at runtime -----------------------------------------------

@@ -309,8 +309,11 @@ class RegistryApp:
     async def catalog(self, request: Request, send: Send, identity: Any) -> None:
         n, last = _page_args(request)
 
+        # a token for registry:catalog:* lists by its user's grants, not by its repositories
+        can_list = getattr(self.auth, "can_list", self.auth.can_read)
+
         def visible() -> Iterator[str]:
-            return (r for r in self.registry.repositories() if self.auth.can_read(identity, r))
+            return (r for r in self.registry.repositories() if can_list(identity, r))
 
         from casengine.registry.model import paginate
 

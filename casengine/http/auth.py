@@ -40,6 +40,7 @@ log = logging.getLogger("casengine.http.auth")
 
 SERVICE = "casengine"
 TOKEN_TTL = 300
+CATALOG_SCOPE = "registry:catalog:*"
 #: How long a verified Basic secret is remembered, so scrypt runs once per client, not per request.
 BASIC_CACHE_TTL = 60.0
 
@@ -66,6 +67,8 @@ class Identity:
     token_access: dict[str, frozenset[str]] | None = None
     #: a token's fingerprint of the secret it was issued for (see TokenAuth.secret_id)
     secret_id: str | None = None
+    #: a token issued for ``registry:catalog:*``
+    catalog: bool = False
 
 
 ANONYMOUS = Identity(None)
@@ -108,6 +111,10 @@ def parse_scopes(values: list[str]) -> dict[str, frozenset[str]]:
                 continue
             out.setdefault(name, set()).update(a for a in actions.split(",") if a)
     return {k: frozenset(v) for k, v in out.items()}
+
+
+def wants_catalog(values: list[str]) -> bool:
+    return any(CATALOG_SCOPE in value.split(" ") for value in values)
 
 
 class TokenAuth:
@@ -190,6 +197,14 @@ class TokenAuth:
     def can_read(self, identity: Identity | None, repository: str) -> bool:
         return "pull" in self.allowed(identity or ANONYMOUS, repository)
 
+    def can_list(self, identity: Identity | None, repository: str) -> bool:
+        """Whether the catalog shows ``repository``: what the grants let the caller pull,
+        or for a token issued without ``registry:catalog:*``, what the token may pull."""
+        identity = identity or ANONYMOUS
+        if identity.token_access is not None and not identity.catalog:
+            return self.can_read(identity, repository)
+        return "pull" in allowed(self._grants(identity), repository)
+
     async def _basic_user(self, name: str, secret: str, request: Request | None) -> str:
         key = hmac.new(self._cache_key, f"{name}\0{secret}".encode(), hashlib.sha256).digest()
         hit = self._basic.get(key)
@@ -209,14 +224,14 @@ class TokenAuth:
                 raise ValueError("bad signature")
             claims = json.loads(_unb64(payload))
             exp, sub, acc = claims["exp"], claims["sub"], claims["acc"]
-            sid = claims.get("sid")
+            sid, catalog = claims.get("sid"), claims.get("cat", False)
             if not isinstance(exp, (int, float)) or not math.isfinite(exp) or exp < time.time():
                 raise ValueError("expired")
             if not (sub is None or isinstance(sub, str)) or not isinstance(acc, dict) \
-                    or not (sid is None or isinstance(sid, str)):
+                    or not (sid is None or isinstance(sid, str)) or not isinstance(catalog, bool):
                 raise ValueError("malformed claims")
             access = {k: frozenset(v.split(",")) for k, v in acc.items()}
-            return Identity(sub, access, sid)
+            return Identity(sub, access, sid, catalog)
         except (ValueError, KeyError, TypeError, AttributeError):
             raise self._challenge(None, "invalid or expired token", request=request) from None
 
@@ -264,8 +279,14 @@ class TokenAuth:
                         actions: frozenset[str]) -> Identity:
         identity = await self.identify(request)
         if repository is None:
-            if request.path.rstrip("/") == "/v2" and identity.user is None:
+            path = request.path.rstrip("/")
+            if path == "/v2" and identity.user is None:
                 raise self._challenge(None, "authentication required", request=request)
+            # with nothing anonymous may pull, an anonymous catalog is always empty: say
+            # instead how to sign in, so a client with credentials uses them
+            if path == "/v2/_catalog" and identity.user is None and not self._anonymous():
+                raise self._challenge(CATALOG_SCOPE, "authentication required",
+                                      request=request)
             return identity
         if actions <= self.allowed(identity, repository):
             return identity
@@ -293,11 +314,14 @@ class TokenAuth:
         granted = {repo: allowed(grants, repo) for repo, wanted in parse_scopes(scopes).items()
                    if wanted}
         acc = {repo: ",".join(sorted(a)) for repo, a in granted.items() if a}
+        catalog = wants_catalog(scopes) and (who.user is not None or bool(self._anonymous()))
         now = time.time()
         claims: dict[str, Any] = {"sub": who.user, "iat": now, "exp": now + self.token_ttl,
                                   "acc": acc}
         if who.user is not None:
             claims["sid"] = self.secret_id(self._creds.users[who.user])
+        if catalog:
+            claims["cat"] = True
         payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
         signature = _b64(hmac.new(self.key, payload.encode(), hashlib.sha256).digest())
         token = f"{payload}.{signature}"
