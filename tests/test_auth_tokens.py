@@ -140,6 +140,63 @@ def _form(user: str, password: str, **more: str) -> dict[str, str]:
             "username": user, "password": password, **more}
 
 
+def test_password_grant(srv: AuthServer) -> None:
+    """What containerd's authorizer posts when it has a user name and secret."""
+    r = httpx.post(f"{srv.url}/token", data=_form(
+        "alice", srv.secrets["alice"],
+        scope="repository:team/oauth/a:pull repository:team/oauth/b:push repository:other/x:pull"))
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["expires_in"] == 300 and doc["issued_at"].endswith("Z")
+    assert sorted(doc["scope"].split(" ")) == ["repository:team/oauth/a:pull,push",
+                                               "repository:team/oauth/b:pull,push"]
+    claims = token_claims(doc["access_token"])
+    assert claims["sub"] == "alice"
+    assert claims["acc"] == {"team/oauth/a": "pull,push", "team/oauth/b": "pull,push"}
+    data = os.urandom(100)
+    assert push_blob(bearer(srv, doc["access_token"]), "team/oauth/b", data).status_code == 201
+
+
+def test_password_grant_with_a_wrong_password_is_a_401(srv: AuthServer) -> None:
+    for user, password in (("alice", "WRONG"), ("nobody", srv.secrets["alice"])):
+        r = httpx.post(f"{srv.url}/token",
+                       data=_form(user, password, scope="repository:team/oauth:pull"))
+        challenge(srv, r)
+        assert r.json()["error"] == "invalid_grant"
+        assert "access_token" not in r.json()
+
+
+@pytest.mark.parametrize(("form", "code"), [
+    ({"grant_type": "refresh_token", "refresh_token": "x", "client_id": "c"},
+     "unsupported_grant_type"),
+    ({"grant_type": "client_credentials", "client_id": "c"}, "unsupported_grant_type"),
+    ({"username": "alice", "password": "x"}, "invalid_request"),
+    ({"grant_type": "password", "username": "alice"}, "invalid_request"),
+])
+def test_other_grants_are_a_400(srv: AuthServer, form: dict[str, str], code: str) -> None:
+    """On a 400 containerd falls back to GET /token with Basic credentials."""
+    r = httpx.post(f"{srv.url}/token", data=form)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == code and r.json()["error_description"]
+
+
+def test_a_token_form_must_be_a_form(srv: AuthServer) -> None:
+    r = httpx.post(f"{srv.url}/token", json=_form("alice", srv.secrets["alice"]))
+    assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+    r = httpx.post(f"{srv.url}/token", content=b"grant_type=password&username=%ff",
+                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+
+
+@pytest.mark.parametrize("method", ["DELETE", "PUT", "PATCH", "HEAD"])
+def test_the_token_endpoint_takes_only_get_and_post(srv: AuthServer, method: str) -> None:
+    r = httpx.request(method, f"{srv.url}/token", auth=("alice", srv.secrets["alice"]))
+    assert r.status_code == 405, r.text
+    assert r.headers["Allow"] == "GET, POST"
+    if method != "HEAD":
+        assert error_code(r) == "UNSUPPORTED"
+
+
 def test_a_wrong_password_on_get_token_names_an_absolute_realm(srv: AuthServer) -> None:
     r = httpx.get(f"{srv.url}/token", params={"scope": "repository:team/app:pull"},
                   auth=("alice", "WRONG"))

@@ -278,6 +278,9 @@ class RegistryApp:
             return "metrics", self.metrics_page, {"_actions": None}
         token_endpoint = getattr(self.auth, "token_endpoint", None)
         if request.path == "/token" and token_endpoint is not None:
+            if request.method not in ("GET", "POST"):  # GET: Docker's flow; POST: OAuth2's
+                raise HTTPError(405, "UNSUPPORTED", f"{request.method} is not supported on "
+                                "the token endpoint", headers={"Allow": "GET, POST"})
             return "token", token_endpoint, {"_actions": None}
         for route in ROUTES:
             m = route.pattern.fullmatch(request.path)

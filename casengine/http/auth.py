@@ -31,6 +31,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs
 
 from casengine.credentials import Credentials, Grant, User, allowed
 from casengine.errors import ConfigError
@@ -41,6 +42,8 @@ log = logging.getLogger("casengine.http.auth")
 SERVICE = "casengine"
 TOKEN_TTL = 300
 CATALOG_SCOPE = "registry:catalog:*"
+#: The largest ``POST /token`` form: a scope list for many repositories, not a blob.
+FORM_LIMIT = 64 << 10
 #: How long a verified Basic secret is remembered, so scrypt runs once per client, not per request.
 BASIC_CACHE_TTL = 60.0
 
@@ -115,6 +118,13 @@ def parse_scopes(values: list[str]) -> dict[str, frozenset[str]]:
 
 def wants_catalog(values: list[str]) -> bool:
     return any(CATALOG_SCOPE in value.split(" ") for value in values)
+
+
+class OAuthError(HTTPError):
+    """An error of ``POST /token``, in OAuth2's shape (RFC 6749 5.2), not the registry's."""
+
+    def body(self) -> bytes:
+        return json.dumps({"error": self.code, "error_description": self.message}).encode()
 
 
 class TokenAuth:
@@ -303,11 +313,17 @@ class TokenAuth:
     # -- the token endpoint ---------------------------------------------------------------
 
     async def token_endpoint(self, request: Request, send: Send, identity: Any) -> None:
-        scheme = (request.header("authorization") or "").partition(" ")[0].lower()
-        if scheme == "bearer":  # a token is never traded for another, possibly wider, one
-            raise self._challenge(None, "the token endpoint takes Basic credentials",
-                                  request=request)
-        who, scopes = await self.identify(request), request.query_all("scope")
+        """``GET /token`` (the Docker token flow, with Basic credentials or none) and
+        ``POST /token`` (its OAuth2 form: a password grant)."""
+        if request.method == "POST":
+            self._reload()
+            who, scopes = await self._password_grant(request)
+        else:
+            scheme = (request.header("authorization") or "").partition(" ")[0].lower()
+            if scheme == "bearer":  # a token is never traded for another, possibly wider, one
+                raise self._challenge(None, "the token endpoint takes Basic credentials",
+                                      request=request)
+            who, scopes = await self.identify(request), request.query_all("scope")
         grants = self._grants(who)
         # every action the grants allow, not just those asked for: oras-py keeps the token
         # of its first (pull) request for the whole push, and another client asks again
@@ -325,6 +341,41 @@ class TokenAuth:
         payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
         signature = _b64(hmac.new(self.key, payload.encode(), hashlib.sha256).digest())
         token = f"{payload}.{signature}"
+        scope = [f"repository:{repo}:{a}" for repo, a in acc.items()]
         await respond_json(send, 200, {
             "token": token, "access_token": token, "expires_in": self.token_ttl,
-            "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))})
+            "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+            "scope": " ".join(scope + ([CATALOG_SCOPE] if catalog else []))})
+
+    async def _password_grant(self, request: Request) -> tuple[Identity, list[str]]:
+        """The user and scopes of an OAuth2 password grant (the distribution token spec's
+        OAuth2 section): a form with grant_type=password, username, password, and
+        optionally scope (space-separated), service and client_id. Any other grant is a
+        400 ``unsupported_grant_type``, on which containerd falls back to ``GET``."""
+        def bad(code: str, message: str) -> OAuthError:
+            return OAuthError(400, code, message)
+
+        media_type = (request.header("content-type") or "").partition(";")[0].strip().lower()
+        if media_type != "application/x-www-form-urlencoded":
+            raise bad("invalid_request", "POST /token takes an "
+                      "application/x-www-form-urlencoded form")
+        body = await request.body(FORM_LIMIT, bad("invalid_request",
+                                                  f"the form is over {FORM_LIMIT} bytes"))
+        try:
+            form = parse_qs(body.decode("utf-8"), keep_blank_values=True, errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            raise bad("invalid_request", "the form is not UTF-8") from None
+        grant_type = (form.get("grant_type") or [""])[-1]
+        if grant_type != "password":
+            if not grant_type:
+                raise bad("invalid_request", "the form has no grant_type")
+            raise bad("unsupported_grant_type", f"grant_type {grant_type!r} is not "
+                      "supported: use 'password', or GET /token with Basic credentials")
+        name, secret = (form.get("username") or [""])[-1], form.get("password")
+        if not name or secret is None:
+            raise bad("invalid_request", "a password grant needs username and password")
+        try:
+            who = await self._basic_user(name, secret[-1], request)
+        except HTTPError as exc:
+            raise OAuthError(401, "invalid_grant", exc.message, headers=exc.headers) from None
+        return Identity(who), form.get("scope", [])
