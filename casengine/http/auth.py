@@ -4,17 +4,22 @@ The flow ``docker login``, skopeo and oras follow:
 
 1. A request without credentials gets ``401 UNAUTHORIZED`` with
    ``WWW-Authenticate: Bearer realm="<this server>/token",service="casengine",scope="repository:team/app:pull,push"``.
-2. The client asks ``GET /token?service=casengine&scope=...`` with HTTP Basic credentials.
-   The token it gets carries only the part of the requested scope that the user's grants
-   allow, signed with HMAC-SHA256 under a server key kept beside the credentials file
-   (``<file>.key``), and expires after five minutes.
+2. The client asks ``GET /token?service=casengine&scope=...`` with HTTP Basic credentials,
+   or ``POST /token`` with an OAuth2 password grant (containerd). For each repository the
+   scope names, the token carries every action the user's grants allow there (however few
+   were asked for: oras-py keeps its first token for a whole push), never more; for
+   ``registry:catalog:*``, the catalog of what the grants let the user pull. It is signed
+   with HMAC-SHA256 under a server key kept beside the credentials file (``<file>.key``),
+   names a fingerprint of the user's stored secret, and expires after five minutes.
 3. The client repeats its request with ``Authorization: Bearer <token>``. A token that
    lacks an action the user's grants do allow gets another 401 (``insufficient_scope``),
    so the client fetches a wider token; one the grants do not allow gets ``403 DENIED``.
 
 HTTP Basic on any route works too. Anonymous requests get the file's anonymous grants
 (pull only). The file is re-read when it changes, so ``casengine auth`` edits take effect
-without a restart.
+without a restart: grant changes apply to live tokens, and a rotated or removed secret
+ends the tokens issued for it (also for a user later re-created under the same name).
+While the file is missing or malformed, requests that need it get ``503 UNAVAILABLE``.
 """
 
 from __future__ import annotations
