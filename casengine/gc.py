@@ -59,9 +59,11 @@ from typing import TYPE_CHECKING, Any
 from casengine.digest import Digest
 from casengine.errors import Conflict, NotFound
 from casengine.index import Txn, unpack_blob
-from casengine.layout import BLOBS, REPOSITORIES, blob_key, link_key, parse_blob_key
+from casengine.layout import BLOBS, REPOSITORIES, blob_key, parse_blob_key
 from casengine.leases import is_live, new_lease
+from casengine.registry import records
 from casengine.registry.model import _REF, link_time
+from casengine.registry.records import link_record
 
 if TYPE_CHECKING:
     from casengine.registry import Registry
@@ -292,12 +294,8 @@ class Collector:
                 return False
             txn.delete("links", key)
             txn.delete("linked", _k(digest, repo))
-        record = link_key(repo, Digest.parse(digest))
-        self.engine.backend.delete(record)
-        with self.index.transaction() as txn:
-            relinked = txn.get("links", key) is not None
-        if relinked:  # a push linked it again meanwhile: its backend record must stay
-            self.engine.backend.put(record, b"")
+        # under the writer lock: a push that links it again meanwhile keeps its record
+        records.agree(self.index, self.engine.backend, [link_record(repo, Digest.parse(digest))])
         return True
 
     # -- 3. blobs -------------------------------------------------------------------------
@@ -446,28 +444,37 @@ class Collector:
                     continue
             except FileNotFoundError:
                 continue
-            if not self.dry_run:
-                if self._index_entry(rel) != entry:
-                    continue  # changed meanwhile
-                if entry is None:
-                    backend.delete(key)
-                else:
-                    backend.put(key, entry)
+            if not self.dry_run and not self._put_right(key, rel, entry):
+                continue
             report.orphans += 1
             self.progress("orphans", 1)
 
-    def _index_entry(self, rel: str) -> Any:
+    def _put_right(self, key: str, rel: str, entry: Any) -> bool:
+        """Delete the record, or write the index's value to it, unless the index changed
+        since ``entry`` was read. Under the writer lock: a push records its backend
+        objects in its transaction, so none can land between this look and the change."""
+        backend = self.engine.backend
+        with self.index.transaction(write=True, durable=False) as txn:
+            if self._index_entry(rel, txn) != entry:
+                return False
+            if entry is None:
+                with contextlib.suppress(NotFound):
+                    backend.delete(key)
+            else:
+                backend.put(key, entry)
+        return True
+
+    def _index_entry(self, rel: str, txn: Txn | None = None) -> Any:
         """The index's value for the record ``repositories/<rel>`` (None: missing)."""
-        for part, table in (("/_links/", "links"), ("/_manifests/", "manifests"),
-                            ("/_tags/", "tags")):
-            repo, sep, rest = rel.partition(part)
-            if sep and "/_" not in repo:
-                if table != "tags":
-                    rest = rest.replace("/", ":", 1)
-                with self.index.transaction() as txn:
-                    return txn.get(table, _k(repo, rest))
-        repo, sep, rest = rel.rpartition("/")
-        if sep and rest == "_repo":
-            with self.index.transaction() as txn:
-                return txn.get("repos", repo.encode())
-        return _NOT_A_RECORD
+        with contextlib.nullcontext(txn) if txn is not None else self.index.transaction() as t:
+            for part, table in (("/_links/", "links"), ("/_manifests/", "manifests"),
+                                ("/_tags/", "tags")):
+                repo, sep, rest = rel.partition(part)
+                if sep and "/_" not in repo:
+                    if table != "tags":
+                        rest = rest.replace("/", ":", 1)
+                    return t.get(table, _k(repo, rest))
+            repo, sep, rest = rel.rpartition("/")
+            if sep and rest == "_repo":
+                return t.get("repos", repo.encode())
+            return _NOT_A_RECORD

@@ -33,9 +33,9 @@ from casengine.errors import (
     UploadNotFound,
 )
 from casengine.gc import Collector, GCReport
-from casengine.layout import UPLOADS, blob_key, link_key, manifest_key, upload_key
+from casengine.layout import UPLOADS, blob_key, upload_key
 from casengine.leases import new_lease
-from casengine.registry import Registry
+from casengine.registry import Registry, records
 from tests.gc_helpers import (
     assert_sound,
     backdate,
@@ -584,16 +584,15 @@ def test_repush_through_the_registry_is_refused_when_swept_between_touch_and_lin
         reg: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
     x = layer("x", 4096)
     reg.engine.ingest(x.content)
-    backend = reg.backend
-    real_put = backend.put
+    real_link = reg.link
     runs: list[GCReport] = []
 
-    def put(key: str, data: Any, **kw: Any) -> bool:
-        if key == link_key("app", Digest.parse(x.digest)) and not runs:
-            runs.append(gc_in_thread(reg))  # a run that began after the dedupe touch
-        return real_put(key, data, **kw)
+    def link(repo: str, digest: Any) -> None:
+        if not runs:  # a run that began after the dedupe touch, before the link
+            runs.append(gc_in_thread(reg))
+        real_link(repo, digest)
 
-    monkeypatch.setattr(backend, "put", put)
+    monkeypatch.setattr(reg, "link", link)
     with pytest.raises(Conflict):
         reg.ingest_blob("app", x.content, digest=x.digest)
     assert runs[0].blobs == 1
@@ -697,17 +696,17 @@ def test_index_put_racing_the_untagged_deletion_of_its_child(
             swept.reached.set()
             resume()
 
-    backend = mem.backend
-    real_put = backend.put
+    real_check = mem._check_references
     started: list[Background] = []
 
-    def put(key: str, data: Any, **kw: Any) -> bool:
-        if key == manifest_key("app", Digest.parse(idx.digest)) and not started:
+    def check(repo: str, manifest: Any) -> tuple[str, ...]:
+        refs = real_check(repo, manifest)
+        if not started:  # the child is still here; the recording transaction is to come
             started.append(Background(lambda: run(mem, untagged=True, progress=progress)))
             swept.wait()
-        return real_put(key, data, **kw)
+        return refs
 
-    monkeypatch.setattr(backend, "put", put)
+    monkeypatch.setattr(mem, "_check_references", check)
     try:
         mem.put_manifest("app", "v1", idx.content, idx.media_type)
     except (ManifestBlobUnknown, Conflict):
@@ -760,16 +759,14 @@ def test_a_relink_during_the_unlink_keeps_the_backend_link_record(
         mem: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
     x = layer("x")
     mem.ingest_blob("app", x.content, digest=x.digest)
-    backend = mem.backend
-    real_delete = backend.delete
-    key = link_key("app", Digest.parse(x.digest))
+    real_agree = records.agree
 
-    def delete(k: str) -> bool:
-        if k == key:  # the index link is gone; a client pushes the blob again now
-            mem.ingest_blob("app", x.content, digest=x.digest)
-        return real_delete(k)
+    def agree(index: Any, backend: Any, which: Any) -> None:
+        # the index link is gone, the backend record not yet: a client pushes the blob again
+        mem.ingest_blob("app", x.content, digest=x.digest)
+        real_agree(index, backend, which)
 
-    monkeypatch.setattr(backend, "delete", delete)
+    monkeypatch.setattr(records, "agree", agree)
     run(mem)
     assert mem.is_linked("app", x.digest)
     assert backend_records(mem.engine, "app")["links"] == index_records(mem, "app")["links"]

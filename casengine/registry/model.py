@@ -5,10 +5,11 @@ cross-repository mount is a link, never a copy, and a blob is readable through a
 repository only if it is linked there. Manifests are blobs too (their exact bytes), linked
 in their repository and described by a record of what they refer to.
 
-Every change is written to the backend first, as a small object under ``repositories/``
-(see :mod:`casengine.layout`), and then to the index in one transaction; so the index can
-be rebuilt from the backend alone, and a crash in between leaves the backend ahead of the
-index, never behind it.
+Every link, manifest and tag is also a small object under ``repositories/`` (see
+:mod:`casengine.layout`), so the index can be rebuilt from the backend alone; the index is
+what was acknowledged. Those records change under the index's writer lock, so they end as
+the index does, and a crash leaves the backend ahead of the index, never behind it (see
+:mod:`casengine.registry.records`).
 
 Usage is kept as it changes: per repository, a reference count per blob (from the
 repository's manifests and the manifests themselves) and the sum of the sizes of the blobs
@@ -37,14 +38,15 @@ from casengine.errors import (
     ManifestBlobUnknown,
     ManifestInvalid,
     ManifestNotFound,
-    NotFound,
     RepositoryNotFound,
     UploadNotFound,
 )
 from casengine.index import Txn
-from casengine.layout import link_key, manifest_key, repo_key, tag_key
+from casengine.layout import repo_key
+from casengine.registry import records
 from casengine.registry.manifests import DEFAULT_MAX_SIZE, Manifest, parse_manifest
 from casengine.registry.names import check_name, check_tag, is_digest
+from casengine.registry.records import link_record, manifest_record, tag_record
 
 if TYPE_CHECKING:
     from casengine.backend import Backend
@@ -189,9 +191,9 @@ class Registry:
 
     def link(self, repo: str, digest: str | Digest) -> None:
         d = parse_digest(digest)
-        self.backend.put(link_key(repo, d), b"")
         with self.index.transaction(write=True) as txn:
             add_link(txn, repo, str(d))
+            records.write(self.backend, txn, [link_record(repo, d)])
 
     def is_linked(self, repo: str, digest: str | Digest) -> bool:
         with self.index.transaction() as txn:
@@ -232,7 +234,7 @@ class Registry:
                             "manifest first")
             existed = txn.delete("links", _k(repo, str(d)))
             txn.delete("linked", _k(str(d), repo))
-        self.backend.delete(link_key(repo, d))
+        records.agree(self.index, self.backend, [link_record(repo, d)])
         return existed
 
     def ingest_blob(self, repo: str, source: Source, *, digest: str | Digest | None = None,
@@ -329,46 +331,26 @@ class Registry:
         self.quotas.check_manifest(repo, [str(manifest.digest), *refs], sizes)
         self._for_push(repo)
         self.engine.ingest(data, digest=manifest.digest)
-        self.backend.put(link_key(repo, manifest.digest), b"")
-        self.backend.put(manifest_key(repo, manifest.digest), b"")
-        if tag is not None:
-            self.backend.put(tag_key(repo, tag), str(manifest.digest).encode())
         record = ManifestRecord(repo, str(manifest.digest), manifest.media_type, manifest.size,
                                 refs, str(manifest.subject.digest) if manifest.subject else None,
                                 manifest.artifact_type)
+        backend_records = [link_record(repo, manifest.digest),
+                           manifest_record(repo, manifest.digest)]
+        if tag is not None:
+            backend_records.append(tag_record(repo, tag))
         try:
             with self.index.transaction(write=True) as txn:
                 self._record_manifest(txn, record, manifest, sizes)
                 if tag is not None:
                     txn.put("tags", _k(repo, tag), str(manifest.digest).encode())
+                records.write(self.backend, txn, backend_records)
         except BaseException:
-            # refused (a blob swept since the check): the records written for it would
-            # outlive the refusal, and reindex would bring the manifest back
+            # a record may have been written before the refusal (or a failed backend put):
+            # it would outlive it, and reindex would bring the manifest back
             with contextlib.suppress(CASError):
-                self._agree_with_index(repo, manifest.digest, tag)
+                records.agree(self.index, self.backend, backend_records)
             raise
         return manifest
-
-    def _agree_with_index(self, repo: str, digest: Digest, tag: str | None) -> None:
-        """Make the backend records of ``digest`` (and ``tag``) in ``repo`` say what the
-        index says. A concurrent push may record them meanwhile: each record removed is
-        looked up again afterwards and written back if it came (as GC's unlink does)."""
-        def known(table: str, key: bytes) -> bytes | None:
-            with self.index.transaction() as txn:
-                return txn.get(table, key)
-
-        records = [(link_key(repo, digest), "links", _k(repo, str(digest)), b""),
-                   (manifest_key(repo, digest), "manifests", _k(repo, str(digest)), b"")]
-        if tag is not None:
-            records.append((tag_key(repo, tag), "tags", _k(repo, tag), None))
-        for key, table, index_key, body in records:
-            value = known(table, index_key)
-            if value is None:
-                with contextlib.suppress(NotFound):
-                    self.backend.delete(key)
-                value = known(table, index_key)
-            if value is not None:
-                self.backend.put(key, value if body is None else body)
 
     def _check_references(self, repo: str, manifest: Manifest) -> tuple[str, ...]:
         """What the manifest keeps, once each: every blob (a foreign layer only if pushed)
@@ -494,7 +476,7 @@ class Registry:
             if record.subject is not None:
                 txn.delete("referrers", _k(repo, record.subject, d))
             self._add_logical(txn, repo, -removed)
-        self.backend.delete(manifest_key(repo, parse_digest(d)))
+        records.agree(self.index, self.backend, [manifest_record(repo, parse_digest(d))])
         return True
 
     def delete_tag(self, repo: str, tag: str) -> None:
@@ -502,7 +484,7 @@ class Registry:
         with self.index.transaction(write=True) as txn:
             if not txn.delete("tags", _k(repo, check_tag(tag))):
                 raise ManifestNotFound(repo, tag)
-        self.backend.delete(tag_key(repo, tag))
+        records.agree(self.index, self.backend, [tag_record(repo, tag)])
 
     def tags(self, repo: str, n: int | None = None, last: str | None = None) -> Page:
         self._for_read(check_name(repo))

@@ -1,0 +1,169 @@
+"""casengine.registry: two writers racing on one repository, with the interleaving forced.
+
+A test-only backend wrapper holds one thread at a chosen backend call (a record's put or
+delete) while a second thread pushes or deletes on the same registry, then lets the first
+go on. Without the writer lock ordering the backend records, the second writer finishes
+inside that pause and the first one's late backend call leaves the records disagreeing
+with the index. With it, the second writer waits for the first, and
+both end as the index says. Threads on a local root and on memory://; nothing stubbed but
+the pause.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from casengine.backend import Buffer
+from casengine.digest import Digest
+from casengine.engine import Engine
+from casengine.layout import link_key, manifest_key, tag_key
+from casengine.registry import Registry
+from tests.helpers import KINDS, WrappedBackend, open_engine
+from tests.registry_helpers import (
+    backend_records,
+    index_records,
+    layer,
+    push,
+    push_blobs,
+    simple_image,
+)
+
+#: How long the second writer gets to finish while the first is held. Where the fix
+#: holds, the second writer is blocked for all of it; so this is the cost of each test.
+RIVAL_TIME = 0.5
+
+
+class Pausing(WrappedBackend):
+    """Holds the first call of ``op`` ("put" or "delete") on ``key`` from the thread that
+    armed it, until the test releases it: a put once it has landed, a delete before."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.tmp_dir = getattr(inner, "tmp_dir", None)
+        self._armed: tuple[str, str, int] | None = None
+        self.held = threading.Event()
+        self.release = threading.Event()
+
+    def arm(self, op: str, key: str) -> None:
+        self._armed = (op, key, threading.get_ident())
+
+    def _maybe_hold(self, op: str, key: str) -> None:
+        if self._armed == (op, key, threading.get_ident()):
+            self._armed = None
+            self.held.set()
+            assert self.release.wait(10), "the test never released the held call"
+
+    def put(self, key: str, data: Buffer, *, exclusive: bool = False) -> bool:
+        done = self.inner.put(key, data, exclusive=exclusive)
+        self._maybe_hold("put", key)
+        return done
+
+    def delete(self, key: str) -> bool:
+        self._maybe_hold("delete", key)
+        return self.inner.delete(key)
+
+
+@pytest.fixture(params=KINDS)
+def pausing(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Registry, Pausing]]:
+    inner = open_engine(request.param, tmp_path)
+    backend = Pausing(inner.backend)
+    try:
+        yield Registry(Engine(backend, inner.index)), backend
+    finally:
+        backend.release.set()
+        inner.close()
+
+
+def race(backend: Pausing, op: str, key: str, first: Callable[[], object],
+         rival: Callable[[], object]) -> list[BaseException]:
+    """Run ``first`` until it reaches ``op`` on ``key``; hold it there while ``rival`` runs
+    (for up to RIVAL_TIME); then let both finish. Returns what each raised, if anything."""
+    errors: list[BaseException] = []
+
+    def run(fn: Callable[[], object], arm: bool) -> None:
+        if arm:
+            backend.arm(op, key)
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - returned to the test, which asserts on it
+            errors.append(exc)
+
+    a = threading.Thread(target=run, args=(first, True))
+    a.start()
+    assert backend.held.wait(5), f"the first writer never reached {op} {key}"
+    b = threading.Thread(target=run, args=(rival, False))
+    b.start()
+    b.join(RIVAL_TIME)
+    backend.release.set()
+    a.join(10)
+    b.join(10)
+    assert not a.is_alive() and not b.is_alive(), "a writer is stuck"
+    return errors
+
+
+def assert_records_agree(reg: Registry, repo: str) -> None:
+    assert backend_records(reg.engine, repo) == index_records(reg, repo)
+
+
+def test_two_pushes_of_one_tag_leave_the_record_as_the_index(
+        pausing: tuple[Registry, Pausing]) -> None:
+    """t3: A writes tag record X, B pushes Y completely, A commits X: index X, backend Y."""
+    reg, backend = pausing
+    x, y = simple_image("x"), simple_image("y")
+    push_blobs(reg, "a", (*x.blobs, *y.blobs))
+    errors = race(backend, "put", tag_key("a", "v1"),
+                  lambda: reg.put_manifest("a", "v1", x.content, x.media_type),
+                  lambda: reg.put_manifest("a", "v1", y.content, y.media_type))
+    assert errors == []
+    assert reg.tag_map("a")["v1"] in (x.digest, y.digest)
+    assert_records_agree(reg, "a")
+
+
+@pytest.mark.parametrize("what", ["tag", "manifest", "link"])
+def test_a_delete_racing_a_push_keeps_what_the_index_keeps(
+        pausing: tuple[Registry, Pausing], what: str) -> None:
+    """t7b and friends: a delete removes the row, then (held here) its backend record;
+    meanwhile a push records the same thing again. The record must stay: the index has
+    it, and reindex would otherwise lose what the push acknowledged."""
+    reg, backend = pausing
+    m = simple_image("m")
+    push(reg, "a", m, "v1")
+    d = Digest.parse(m.digest)
+    loose = layer("loose")
+    push_blobs(reg, "a", [loose])
+    delete, key, again = {
+        "tag": (lambda: reg.delete_tag("a", "v1"), tag_key("a", "v1"),
+                lambda: reg.put_manifest("a", "v1", m.content, m.media_type)),
+        "manifest": (lambda: reg.delete_manifest("a", m.digest), manifest_key("a", d),
+                     lambda: reg.put_manifest("a", m.digest, m.content, m.media_type)),
+        "link": (lambda: reg.unlink("a", loose.digest),
+                 link_key("a", Digest.parse(loose.digest)),
+                 lambda: reg.link("a", loose.digest)),
+    }[what]
+    if what == "manifest":
+        reg.delete_tag("a", "v1")  # else the manifest delete takes the tag first
+    errors = race(backend, "delete", key, delete, again)
+    assert errors == []
+    assert_records_agree(reg, "a")
+
+
+def test_a_tag_delete_waits_for_a_push_held_writing_the_tag(
+        pausing: tuple[Registry, Pausing]) -> None:
+    """The other order: the push has written its tag record and is held before it
+    commits; a delete of the tag runs then. Unordered, the delete took the record the push
+    had just written and the push then committed the tag: the index had it, not the
+    backend."""
+    reg, backend = pausing
+    m = simple_image("m")
+    push(reg, "a", m, "v1")
+    n = simple_image("n")
+    push_blobs(reg, "a", n.blobs)
+    errors = race(backend, "put", tag_key("a", "v1"),
+                  lambda: reg.put_manifest("a", "v1", n.content, n.media_type),
+                  lambda: reg.delete_tag("a", "v1"))
+    assert errors == []
+    assert_records_agree(reg, "a")
