@@ -4,7 +4,7 @@ A test-only backend wrapper holds one thread at a chosen backend call (a record'
 delete) while a second thread pushes or deletes on the same registry, then lets the first
 go on. Without the writer lock ordering the backend records, the second writer finishes
 inside that pause and the first one's late backend call leaves the records disagreeing
-with the index. With it, the second writer waits for the first, and
+with the index (or a quota crossed). With it, the second writer waits for the first, and
 both end as the index says. Threads on a local root and on memory://; nothing stubbed but
 the pause.
 """
@@ -20,13 +20,16 @@ import pytest
 from casengine.backend import Buffer
 from casengine.digest import Digest
 from casengine.engine import Engine
+from casengine.errors import QuotaExceeded
 from casengine.layout import link_key, manifest_key, tag_key
 from casengine.registry import Registry
 from tests.helpers import KINDS, WrappedBackend, open_engine
 from tests.registry_helpers import (
     backend_records,
+    config,
     index_records,
     layer,
+    oci_manifest,
     push,
     push_blobs,
     simple_image,
@@ -167,3 +170,29 @@ def test_a_tag_delete_waits_for_a_push_held_writing_the_tag(
                   lambda: reg.delete_tag("a", "v1"))
     assert errors == []
     assert_records_agree(reg, "a")
+
+
+def test_parallel_manifests_cannot_jointly_cross_a_quota(
+        pausing: tuple[Registry, Pausing]) -> None:
+    """t4: two manifests under one namespace quota, each within it alone, together over.
+    Both pass the early check; the one recorded second must be refused, and leave no
+    records behind."""
+    reg, backend = pausing
+    cfg = config("q")
+    images = {repo: oci_manifest(cfg, [layer(repo, 600)]) for repo in ("q/r0", "q/r1")}
+    each = max(m.size + sum(b.size for b in m.blobs) for m in images.values())
+    limit = each * 3 // 2
+    reg.quotas.set("q/", limit)
+    for repo, m in images.items():
+        push_blobs(reg, repo, m.blobs)
+    first, second = images.items()
+    errors = race(backend, "put", link_key(first[0], Digest.parse(first[1].digest)),
+                  lambda: reg.put_manifest(first[0], "v", first[1].content, first[1].media_type),
+                  lambda: reg.put_manifest(second[0], "v", second[1].content,
+                                           second[1].media_type))
+    assert len(errors) == 1 and isinstance(errors[0], QuotaExceeded), errors
+    assert reg.quotas.used("q/") <= limit
+    recorded = [repo for repo in images if reg.manifests(repo)]
+    assert len(recorded) == 1
+    for repo in images:
+        assert_records_agree(reg, repo)

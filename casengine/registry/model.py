@@ -328,7 +328,8 @@ class Registry:
         sizes = {str(manifest.digest): manifest.size}
         for d in (*manifest.blobs, *manifest.children):
             sizes.setdefault(str(d.digest), d.size)
-        self.quotas.check_manifest(repo, [str(manifest.digest), *refs], sizes)
+        charged = [str(manifest.digest), *refs]
+        self.quotas.check_manifest(repo, charged, sizes)  # early: before the ingest
         self._for_push(repo)
         self.engine.ingest(data, digest=manifest.digest)
         record = ManifestRecord(repo, str(manifest.digest), manifest.media_type, manifest.size,
@@ -340,6 +341,7 @@ class Registry:
             backend_records.append(tag_record(repo, tag))
         try:
             with self.index.transaction(write=True) as txn:
+                self.quotas.check_manifest(repo, charged, sizes, txn)
                 self._record_manifest(txn, record, manifest, sizes)
                 if tag is not None:
                     txn.put("tags", _k(repo, tag), str(manifest.digest).encode())

@@ -14,12 +14,19 @@ nowhere; garbage collection reclaims them.
 A quota is a limit on the logical bytes under a namespace prefix (``team/`` covers
 ``team/a`` and ``team/b/c``; a full name covers that repository). A blob push, mount or
 manifest that would take a covered namespace over its limit is refused and stores nothing.
+
+The checks read the index in a transaction of their own, except a manifest's final one,
+which runs in the transaction that records the manifest: two manifests pushed at once
+into one namespace are then charged one after the other, and the second sees the first.
+(Blob checks only refuse early: blobs are charged when a manifest references them.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,6 +36,7 @@ from casengine.registry.names import check_name
 from casengine.units import format_size
 
 if TYPE_CHECKING:
+    from casengine.index import Txn
     from casengine.registry.model import Registry
 
 _REF = struct.Struct("<IQ")
@@ -123,26 +131,30 @@ class Quotas:
             txn.put("quotas", prefix.encode(), str(limit).encode())
             return True
 
-    def all(self) -> dict[str, int]:
-        with self.registry.index.transaction() as txn:
-            return {k.decode(): int(v) for k, v in txn.scan("quotas")}
+    def _reading(self, txn: Txn | None) -> AbstractContextManager[Txn]:
+        return contextlib.nullcontext(txn) if txn is not None \
+            else self.registry.index.transaction()
 
-    def _covering(self, repo: str) -> dict[str, int]:
-        return {p: limit for p, limit in self.all().items()
+    def all(self, txn: Txn | None = None) -> dict[str, int]:
+        with self._reading(txn) as t:
+            return {k.decode(): int(v) for k, v in t.scan("quotas")}
+
+    def _covering(self, repo: str, txn: Txn | None = None) -> dict[str, int]:
+        return {p: limit for p, limit in self.all(txn).items()
                 if repo == p or (p.endswith("/") and repo.startswith(p))}
 
-    def used(self, prefix: str) -> int:
-        """Logical bytes charged to ``prefix`` now."""
-        with self.registry.index.transaction() as txn:
+    def used(self, prefix: str, txn: Txn | None = None) -> int:
+        """Logical bytes charged to ``prefix`` now (as ``txn`` sees them, if given)."""
+        with self._reading(txn) as t:
             if not prefix.endswith("/"):
-                value = txn.get("repos", prefix.encode())
+                value = t.get("repos", prefix.encode())
                 return json.loads(value).get("logical", 0) if value else 0
             return sum(json.loads(v).get("logical", 0)
-                       for _, v in txn.scan("repos", prefix.encode()))
+                       for _, v in t.scan("repos", prefix.encode()))
 
-    def _check(self, repo: str, delta: int) -> None:
-        for prefix, limit in self._covering(repo).items():
-            used = self.used(prefix)
+    def _check(self, repo: str, delta: int, txn: Txn | None = None) -> None:
+        for prefix, limit in self._covering(repo, txn).items():
+            used = self.used(prefix, txn)
             if used + delta > limit:
                 raise QuotaExceeded(
                     f"quota of {prefix} exceeded: {format_size(used)} used + {format_size(delta)} "
@@ -159,11 +171,14 @@ class Quotas:
                     return
         self._check(repo, size)
 
-    def check_manifest(self, repo: str, digests: list[str], sizes: dict[str, int]) -> None:
-        """Refuse a manifest whose newly referenced blobs would cross a quota."""
-        if not self._covering(repo):
-            return
-        with self.registry.index.transaction() as txn:
+    def check_manifest(self, repo: str, digests: list[str], sizes: dict[str, int],
+                       txn: Txn | None = None) -> None:
+        """Refuse a manifest whose newly referenced blobs would cross a quota. Only a check
+        in ``txn``, the transaction that records the manifest, holds: others may record
+        theirs between a check in its own transaction and that one."""
+        with self._reading(txn) as t:
+            if not self._covering(repo, t):
+                return
             new = sum(sizes[d] for d in dict.fromkeys(digests)
-                      if txn.get("refs", f"{repo}\0{d}".encode()) is None)
-        self._check(repo, new)
+                      if t.get("refs", f"{repo}\0{d}".encode()) is None)
+            self._check(repo, new, t)
