@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 
+from casengine.compression import Policy
 from casengine.digest import Digest
 from casengine.engine import Engine
 from casengine.errors import (
     BackendError,
     BlobNotFound,
+    CorruptObject,
     DigestMismatch,
     InUse,
     InvalidDigest,
@@ -27,7 +29,7 @@ from casengine.errors import (
     Unsupported,
     UploadNotFound,
 )
-from casengine.layout import REPOSITORIES, link_key, manifest_key, repo_key, tag_key
+from casengine.layout import REPOSITORIES, blob_key, link_key, manifest_key, repo_key, tag_key
 from casengine.registry import Registry
 from casengine.registry.manifests import (
     DOCKER_LIST,
@@ -450,6 +452,23 @@ def test_put_by_digest(reg: Registry) -> None:
     reg.put_manifest("app", "v1", image.content)
     assert [r.digest for r in reg.manifests("app")] == [image.digest]
     assert reg.tag_map("app") == {"v1": image.digest}
+
+
+@pytest.mark.parametrize("rot", ["same size", "truncated"])
+def test_a_damaged_manifest_is_never_returned(reg: Registry, rot: str) -> None:
+    """Bit rot in a manifest's stored bytes: a pull must fail, never get other bytes
+    under the digest it asked for."""
+    reg.engine.compression = Policy.parse("never")  # raw: no zstd frame check to trip
+    m = simple_image("rot")
+    push(reg, "a", m, "v1")
+    record = reg.engine.stat(m.digest)
+    assert record.codec == "raw"
+    rotten = m.content.replace(b"schemaVersion", b"schemaVersioN") if rot == "same size" \
+        else m.content[:-1]
+    reg.engine.backend.put(blob_key(Digest.parse(m.digest), "raw"), rotten)
+    for reference in ("v1", m.digest):
+        with pytest.raises(CorruptObject, match="casengine check"):
+            reg.get_manifest("a", reference)
 
 
 def test_foreign_layers_need_not_be_pushed(reg: Registry) -> None:

@@ -513,11 +513,8 @@ class RegistryApp:
     async def manifest_get(self, request: Request, send: Send, identity: Any, name: str,
                            reference: str) -> None:
         head = request.method == "HEAD"
-        if head:
-            record = await blocking(self.registry.resolve, name, reference)
-            data = b""
-        else:
-            data, record = await blocking(self.registry.get_manifest, name, reference)
+        # HEAD reads and verifies the bytes too: a 200 it answers promises a GET works
+        data, record = await blocking(self.registry.get_manifest, name, reference)
         accept = request.header("accept") or ""
         if (record.media_type in INDEX_TYPES and accept and "*/*" not in accept
                 and record.media_type not in accept):

@@ -33,6 +33,7 @@ from casengine.errors import (
     BlobNotFound,
     CASError,
     Conflict,
+    CorruptObject,
     DigestMismatch,
     InUse,
     ManifestBlobUnknown,
@@ -436,8 +437,16 @@ class Registry:
         return record
 
     def get_manifest(self, repo: str, reference: str) -> tuple[bytes, ManifestRecord]:
+        """The manifest's exact bytes, verified: a client pins images by this digest, and
+        a manifest is small enough to hash on every read."""
         record = self.resolve(repo, reference)
-        return self.engine.read_bytes(record.digest), record
+        data = self.engine.read_bytes(record.digest)
+        expected = parse_digest(record.digest)
+        actual = Digest.of(data, expected.algorithm)
+        if actual != expected or len(data) != record.size:
+            raise CorruptObject(f"manifest {repo}@{expected} is damaged: its {len(data)} stored "
+                                f"bytes hash to {actual}; run 'casengine check'")
+        return data, record
 
     def delete_manifest(self, repo: str, digest: str | Digest,
                         guard: Callable[[Txn], bool] | None = None) -> bool:

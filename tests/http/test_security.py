@@ -11,7 +11,8 @@ Each of these must be impossible, and each test tries it:
   answer is the same as for a blob that exists nowhere, so it leaks no existence;
 - a secret or token compared with ``==`` (timing): checked by reading the code;
 - an upload session continued by a guess: ids carry 128 bits from :mod:`secrets`;
-- a deleted or quarantined blob served by GET, HEAD or a range GET, or mounted.
+- a deleted or quarantined blob served by GET, HEAD or a range GET, or mounted;
+- a manifest whose stored bytes rotted answered with 200 by GET or HEAD.
 
 Owner binding of upload sessions (another user holding the real id) is tested in
 tests/test_auth_http.py; hostile input that once crashed a worker is at the end.
@@ -41,10 +42,12 @@ from tests.http.conftest import (
     assert_error,
     digest_of,
     push_blob,
+    push_manifest,
     raw_request,
     start_server,
     start_upload,
 )
+from tests.registry_helpers import simple_image
 
 SENTINEL = b"casengine-sentinel-" + os.urandom(8).hex().encode()
 
@@ -348,6 +351,26 @@ def test_a_quarantined_blob_is_never_served(server: Server, client: httpx.Client
     assert quarantined and quarantined[0]["kind"] == "corrupt", report
     assert not files[0].exists()
     _never_served(client, repo, digest, repo)
+
+
+def test_a_damaged_manifest_is_never_served(tmp_path: Path, log_dir: Path) -> None:
+    """A manifest's stored bytes rotted (same size): GET and HEAD answer a 5xx, never 200
+    with bytes that do not hash to the digest the client asked for. Stored raw, so no
+    zstd frame check stands in the way."""
+    server = start_server(str(tmp_path / "root"), log_dir,
+                          env={"CASENGINE_COMPRESSION": "never"})
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            m = simple_image("rot")
+            push_manifest(client, "team/rot", m, "v1")
+            stored = Path(server.root) / "blobs" / "sha256" / m.digest[7:9] / f"{m.digest[7:]}.raw"
+            stored.write_bytes(m.content.replace(b"schemaVersion", b"schemaVersioN"))
+            for reference in ("v1", m.digest):
+                url = f"/v2/team/rot/manifests/{reference}"
+                assert_error(client.get(url), 500, "UNKNOWN")
+                assert client.head(url).status_code == 500
+    finally:
+        server.stop()
 
 
 # -- hostile input that once made a 500 --------------------------------------------------------
