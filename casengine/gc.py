@@ -288,14 +288,16 @@ class Collector:
 
     def _unlink_if_dead(self, repo: str, digest: str) -> bool:
         key = _k(repo, digest)
-        with self.index.transaction(write=True) as txn:
-            value = txn.get("links", key)
-            if value is None or link_time(value) >= self.cutoff or txn.get("refs", key):
-                return False
-            txn.delete("links", key)
-            txn.delete("linked", _k(digest, repo))
-        # under the writer lock: a push that links it again meanwhile keeps its record
-        records.agree(self.index, self.engine.backend, [link_record(repo, Digest.parse(digest))])
+        record = link_record(repo, Digest.parse(digest))
+        # under the record's lock: a push linking it again waits, and keeps its record
+        with records.locked(self.index, [record.key]):
+            with self.index.transaction(write=True) as txn:
+                value = txn.get("links", key)
+                if value is None or link_time(value) >= self.cutoff or txn.get("refs", key):
+                    return False
+                txn.delete("links", key)
+                txn.delete("linked", _k(digest, repo))
+            records.agree(self.index, self.engine.backend, [record])
         return True
 
     # -- 3. blobs -------------------------------------------------------------------------
@@ -451,11 +453,12 @@ class Collector:
 
     def _put_right(self, key: str, rel: str, entry: Any) -> bool:
         """Delete the record, or write the index's value to it, unless the index changed
-        since ``entry`` was read. Under the writer lock: a push records its backend
-        objects in its transaction, so none can land between this look and the change."""
+        since ``entry`` was read. Under the record's lock: a push holds it from its backend
+        write to its index transaction, so none can land between this look and the
+        change."""
         backend = self.engine.backend
-        with self.index.transaction(write=True, durable=False) as txn:
-            if self._index_entry(rel, txn) != entry:
+        with records.locked(self.index, [key]):
+            if self._index_entry(rel) != entry:
                 return False
             if entry is None:
                 with contextlib.suppress(NotFound):

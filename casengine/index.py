@@ -13,6 +13,7 @@ the backend's keys and objects (see :mod:`casengine.layout`).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -120,6 +121,21 @@ class Index(ABC):
         """How many write transactions this index has committed: it only grows (0: an
         index that does not count)."""
         return 0
+
+    @contextlib.contextmanager
+    def locks(self, names: Iterable[str]) -> Iterator[None]:
+        """Hold the named locks, shared with every thread and process using this index
+        (taken in sorted order, so two holders of several never deadlock). The default
+        serves one process: an index no other process opens."""
+        table: dict[str, threading.Lock] = self.__dict__.setdefault("_named_locks", {})
+        held = [table.setdefault(n, threading.Lock()) for n in sorted(set(names))]
+        for lock in held:
+            lock.acquire()
+        try:
+            yield
+        finally:
+            for lock in reversed(held):
+                lock.release()
 
     # -- blobs ---------------------------------------------------------------------------
 
@@ -304,6 +320,26 @@ class LmdbIndex(Index):
 
     def generation(self) -> int:
         return int(self.env.info()["last_txnid"])
+
+    @contextlib.contextmanager
+    def locks(self, names: Iterable[str]) -> Iterator[None]:
+        # flock on a file of its own per name, beside the data: an open file description
+        # each, so threads of one process exclude each other as processes do
+        directory = os.path.join(self.path, "locks")
+        fds: list[int] = []
+        try:
+            for name in sorted(set(names)):
+                try:
+                    fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT, 0o600)
+                except FileNotFoundError:
+                    os.makedirs(directory, exist_ok=True)
+                    fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT, 0o600)
+                fds.append(fd)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            for fd in reversed(fds):
+                os.close(fd)  # closing the last descriptor releases its flock
 
     def close(self) -> None:
         self._closed = True

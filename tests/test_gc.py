@@ -760,14 +760,22 @@ def test_a_relink_during_the_unlink_keeps_the_backend_link_record(
     x = layer("x")
     mem.ingest_blob("app", x.content, digest=x.digest)
     real_agree = records.agree
+    pushes: list[threading.Thread] = []
 
     def agree(index: Any, backend: Any, which: Any) -> None:
-        # the index link is gone, the backend record not yet: a client pushes the blob again
-        mem.ingest_blob("app", x.content, digest=x.digest)
+        # the index link is gone, the backend record not yet: a client pushes the blob
+        # again (it waits for the record's lock, then writes the record and the link)
+        if not pushes:
+            pushes.append(threading.Thread(
+                target=mem.ingest_blob, args=("app", x.content), kwargs={"digest": x.digest}))
+            pushes[0].start()
+            pushes[0].join(0.3)
         real_agree(index, backend, which)
 
     monkeypatch.setattr(records, "agree", agree)
     run(mem)
+    pushes[0].join(10)
+    assert not pushes[0].is_alive()
     assert mem.is_linked("app", x.digest)
     assert backend_records(mem.engine, "app")["links"] == index_records(mem, "app")["links"]
 

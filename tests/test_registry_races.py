@@ -196,3 +196,26 @@ def test_parallel_manifests_cannot_jointly_cross_a_quota(
     assert len(recorded) == 1
     for repo in images:
         assert_records_agree(reg, repo)
+
+
+def test_a_push_held_at_its_backend_write_blocks_no_other_writer(
+        pausing: tuple[Registry, Pausing]) -> None:
+    """The record locks are the records' own: a push whose tag record's put is slow (an S3
+    round trip, retried) holds up no other push, as the index's writer lock would."""
+    reg, backend = pausing
+    m, other = simple_image("m"), simple_image("other")
+    push_blobs(reg, "a", m.blobs)
+    push_blobs(reg, "b", other.blobs)
+    finished: list[bool] = []
+
+    def rival() -> None:
+        reg.put_manifest("b", "v1", other.content, other.media_type)
+        reg.ingest_blob("b", b"and a blob")
+        finished.append(not backend.release.is_set())  # while the first was still held
+
+    errors = race(backend, "put", tag_key("a", "v1"),
+                  lambda: reg.put_manifest("a", "v1", m.content, m.media_type), rival)
+    assert errors == []
+    assert finished == [True], "the other push waited for the held one"
+    assert_records_agree(reg, "a")
+    assert_records_agree(reg, "b")

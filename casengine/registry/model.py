@@ -192,9 +192,16 @@ class Registry:
 
     def link(self, repo: str, digest: str | Digest) -> None:
         d = parse_digest(digest)
-        with self.index.transaction(write=True) as txn:
-            add_link(txn, repo, str(d))
-            records.write(self.backend, txn, [link_record(repo, d)])
+        record = link_record(repo, d)
+        with records.locked(self.index, [record.key]):
+            self.backend.put(record.key, b"")
+            try:
+                with self.index.transaction(write=True) as txn:
+                    add_link(txn, repo, str(d))
+            except BaseException:
+                with contextlib.suppress(CASError):  # refused: the record goes with it
+                    records.agree(self.index, self.backend, [record])
+                raise
 
     def is_linked(self, repo: str, digest: str | Digest) -> bool:
         with self.index.transaction() as txn:
@@ -227,15 +234,17 @@ class Registry:
         """
         d = parse_digest(digest)
         self._for_read(check_name(repo))
-        with self.index.transaction(write=True) as txn:
-            if txn.get("refs", _k(repo, str(d))) is not None:
-                if txn.get("manifests", _k(repo, str(d))) is not None:
-                    raise InUse(f"{d} is a manifest of {repo}: delete it as a manifest")
-                raise InUse(f"{d} is referenced by a manifest of {repo}: delete the "
-                            "manifest first")
-            existed = txn.delete("links", _k(repo, str(d)))
-            txn.delete("linked", _k(str(d), repo))
-        records.agree(self.index, self.backend, [link_record(repo, d)])
+        record = link_record(repo, d)
+        with records.locked(self.index, [record.key]):
+            with self.index.transaction(write=True) as txn:
+                if txn.get("refs", _k(repo, str(d))) is not None:
+                    if txn.get("manifests", _k(repo, str(d))) is not None:
+                        raise InUse(f"{d} is a manifest of {repo}: delete it as a manifest")
+                    raise InUse(f"{d} is referenced by a manifest of {repo}: delete the "
+                                "manifest first")
+                existed = txn.delete("links", _k(repo, str(d)))
+                txn.delete("linked", _k(str(d), repo))
+            records.agree(self.index, self.backend, [record])
         return existed
 
     def ingest_blob(self, repo: str, source: Source, *, digest: str | Digest | None = None,
@@ -340,19 +349,21 @@ class Registry:
                            manifest_record(repo, manifest.digest)]
         if tag is not None:
             backend_records.append(tag_record(repo, tag))
-        try:
-            with self.index.transaction(write=True) as txn:
-                self.quotas.check_manifest(repo, charged, sizes, txn)
-                self._record_manifest(txn, record, manifest, sizes)
-                if tag is not None:
-                    txn.put("tags", _k(repo, tag), str(manifest.digest).encode())
-                records.write(self.backend, txn, backend_records)
-        except BaseException:
-            # a record may have been written before the refusal (or a failed backend put):
-            # it would outlive it, and reindex would bring the manifest back
-            with contextlib.suppress(CASError):
-                records.agree(self.index, self.backend, backend_records)
-            raise
+        with records.locked(self.index, (r.key for r in backend_records)):
+            try:
+                for r in backend_records:  # ahead of the index: a crash leaves them extra
+                    self.backend.put(r.key, r.body(str(manifest.digest).encode()))
+                with self.index.transaction(write=True) as txn:
+                    self.quotas.check_manifest(repo, charged, sizes, txn)
+                    self._record_manifest(txn, record, manifest, sizes)
+                    if tag is not None:
+                        txn.put("tags", _k(repo, tag), str(manifest.digest).encode())
+            except BaseException:
+                # refused (a blob swept since the check, a quota crossed meanwhile): the
+                # records would outlive the refusal, and reindex would bring it back
+                with contextlib.suppress(CASError):
+                    records.agree(self.index, self.backend, backend_records)
+                raise
         return manifest
 
     def _check_references(self, repo: str, manifest: Manifest) -> tuple[str, ...]:
@@ -466,36 +477,40 @@ class Registry:
                         if v.decode() == d]
             for tag in tags:
                 self.delete_tag(repo, tag)
-        with self.index.transaction(write=True) as txn:
-            if guard is None:
-                _refuse_if_needed(txn, repo, d)  # again: an index may have come meanwhile
-            elif not guard(txn):
-                return False
-            if not txn.delete("manifests", _k(repo, d)):
-                return False
-            removed = 0
-            for ref in (d, *record.refs):
-                old = txn.get("refs", _k(repo, ref))
-                if old is None:
-                    continue
-                count, size = _REF.unpack(old)
-                if count <= 1:
-                    txn.delete("refs", _k(repo, ref))
-                    removed += size
-                else:
-                    txn.put("refs", _k(repo, ref), _REF.pack(count - 1, size))
-            if record.subject is not None:
-                txn.delete("referrers", _k(repo, record.subject, d))
-            self._add_logical(txn, repo, -removed)
-        records.agree(self.index, self.backend, [manifest_record(repo, parse_digest(d))])
+        manifest_rec = manifest_record(repo, parse_digest(d))
+        with records.locked(self.index, [manifest_rec.key]):
+            with self.index.transaction(write=True) as txn:
+                if guard is None:
+                    _refuse_if_needed(txn, repo, d)  # again: an index may have come meanwhile
+                elif not guard(txn):
+                    return False
+                if not txn.delete("manifests", _k(repo, d)):
+                    return False
+                removed = 0
+                for ref in (d, *record.refs):
+                    old = txn.get("refs", _k(repo, ref))
+                    if old is None:
+                        continue
+                    count, size = _REF.unpack(old)
+                    if count <= 1:
+                        txn.delete("refs", _k(repo, ref))
+                        removed += size
+                    else:
+                        txn.put("refs", _k(repo, ref), _REF.pack(count - 1, size))
+                if record.subject is not None:
+                    txn.delete("referrers", _k(repo, record.subject, d))
+                self._add_logical(txn, repo, -removed)
+            records.agree(self.index, self.backend, [manifest_rec])
         return True
 
     def delete_tag(self, repo: str, tag: str) -> None:
         self._for_read(check_name(repo))
-        with self.index.transaction(write=True) as txn:
-            if not txn.delete("tags", _k(repo, check_tag(tag))):
-                raise ManifestNotFound(repo, tag)
-        records.agree(self.index, self.backend, [tag_record(repo, tag)])
+        record = tag_record(repo, check_tag(tag))
+        with records.locked(self.index, [record.key]):
+            with self.index.transaction(write=True) as txn:
+                if not txn.delete("tags", record.row):
+                    raise ManifestNotFound(repo, tag)
+            records.agree(self.index, self.backend, [record])
 
     def tags(self, repo: str, n: int | None = None, last: str | None = None) -> Page:
         self._for_read(check_name(repo))

@@ -3,24 +3,27 @@
 The records exist so the index can be rebuilt from the backend alone (see
 :mod:`casengine.layout`); the index is what was acknowledged. Two writers racing on one
 record would otherwise leave it as the slower one's backend call left it, whatever order
-their index transactions took. So every change to a record happens while the index's
-writer lock is held (LMDB serialises write transactions across threads and processes):
+their index transactions took. So a writer holds the record's lock (:func:`locked`, a lock
+of the index shared by every thread and process) from its backend call to its index
+transaction:
 
-- a push writes its records inside the transaction that records it, after every check,
-  so records and rows change in the same order;
-- a delete removes the row in its own transaction (the acknowledgement) and then, in a
-  second one, removes the record only if the row is still absent (:func:`agree`).
+- a push writes its records, then records them in the index; a refusal in that
+  transaction takes the records back (:func:`agree`) before the lock goes;
+- a delete removes the row (the acknowledgement), then the record.
 
-A crash inside a pushing transaction leaves a record the index lacks, or a tag record
-naming another manifest; a crash between a delete's two transactions leaves a record the
-index lacks. Either way the backend is ahead of the index, never behind it, and garbage
-collection's orphan pass puts it right.
+The locks are per record (by bucket), not the index's writer lock: a backend call (an S3
+PUT) under that one would stall every writer of the registry for its round trip.
+
+A crash between the backend call and the index transaction leaves a record the index
+lacks, or a tag record naming another manifest: the backend is ahead of the index, never
+behind it, and garbage collection's orphan pass puts it right.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,7 +33,10 @@ from casengine.layout import link_key, manifest_key, tag_key
 
 if TYPE_CHECKING:
     from casengine.backend import Backend
-    from casengine.index import Index, Txn
+    from casengine.index import Index
+
+#: Records share this many locks: writers of unrelated records rarely wait on each other.
+BUCKETS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,27 +66,23 @@ def tag_record(repo: str, tag: str) -> Record:
     return Record(tag_key(repo, tag), "tags", _row(repo, tag), carries_value=True)
 
 
-def write(backend: Backend, txn: Txn, records: Iterable[Record]) -> None:
-    """Write ``records`` as ``txn`` (a write transaction, not yet committed) has them.
-
-    Call it last in the transaction: a check that refuses after it leaves records the
-    caller must take back with :func:`agree`.
-    """
-    for record in records:
-        value = txn.get(record.table, record.row)
-        if value is not None:
-            backend.put(record.key, record.body(value))
+@contextlib.contextmanager
+def locked(index: Index, keys: Iterable[str]) -> Iterator[None]:
+    """Hold the locks of the records with these backend keys. Never taken inside a write
+    transaction: a holder may wait for the index's writer lock, never the other way."""
+    with index.locks(f"record-{zlib.crc32(key.encode()) % BUCKETS:03x}" for key in keys):
+        yield
 
 
 def agree(index: Index, backend: Backend, records: Iterable[Record]) -> None:
     """Make each record say what the index says now: removed where the index has no row,
-    written where it has one (a push recorded it since the caller looked)."""
-    # nothing is written to the index, so the commit need not reach the disk
-    with index.transaction(write=True, durable=False) as txn:
-        for record in records:
-            value = txn.get(record.table, record.row)
-            if value is None:
-                with contextlib.suppress(NotFound):
-                    backend.delete(record.key)
-            else:
-                backend.put(record.key, record.body(value))
+    written where it has one. The caller holds the records' locks."""
+    records = list(records)
+    with index.transaction() as txn:
+        values = [txn.get(r.table, r.row) for r in records]
+    for record, value in zip(records, values, strict=True):
+        if value is None:
+            with contextlib.suppress(NotFound):
+                backend.delete(record.key)
+        else:
+            backend.put(record.key, record.body(value))
