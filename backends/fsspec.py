@@ -131,13 +131,13 @@ class FsspecBackend(Backend):
         try:
             with _translated(f"opening {url}"):
                 self.fs, root = url_to_fs(url, skip_instance_cache=True, **storage_options)
+                self.root = str(root).rstrip("/")
+                self.tmp_dir = f"{self.root}/{TMP_DIR}"
+                self.fs.makedirs(self.tmp_dir, exist_ok=True)
         except BackendError as exc:
             if isinstance(exc.__cause__, ImportError):  # the protocol's package is missing
                 raise MissingExtra(f"{url}: {exc.__cause__}") from None
             raise
-            self.root = str(root).rstrip("/")
-            self.tmp_dir = f"{self.root}/{TMP_DIR}"
-            self.fs.makedirs(self.tmp_dir, exist_ok=True)
         #: Whether put-if-absent is atomic here (see the module docstring).
         self.atomic_exclusive = callable(getattr(self.fs, "link", None))
 
