@@ -90,3 +90,12 @@ def parse_blob_key(key: str) -> tuple[Digest, str] | None:
     if m["fan"] != m["hex"][:2] or m["codec"] not in CODECS:
         return None
     return Digest(m["alg"], m["hex"]), m["codec"]
+
+
+def parse_tag_record(data: bytes) -> str | None:
+    """The digest a ``_tags/`` record names, or None if its bytes name none: a damaged
+    record must read as unusable, never as a failure of whoever reads it."""
+    try:
+        return str(Digest.parse(data.decode("ascii").strip()))
+    except ValueError:  # bytes that are no text (UnicodeDecodeError), or no digest
+        return None

@@ -6,8 +6,12 @@ manifest's references and subject are in its own bytes. So a lost or corrupted i
 built again, into a fresh directory that then replaces the old one. Run it with the
 registry stopped. A ``.zst`` blob's logical size comes from its seek table (one small
 ranged read); an object whose table is unreadable is skipped, and ``casengine check``
-reports it as an orphan. Blob records come back without their xxh3 (the next ``casengine check``
-computes it); upload sessions do not come back (their staged bytes are purged as orphans).
+reports it as an orphan. A link comes back even where its blob is missing, and so does the
+blob in the records of the manifests that need it: ``casengine check`` then reports those
+images as missing it, and a blob restored later is linked, not collected. A tag record that
+names no digest is skipped and reported. Blob records come back without their xxh3 (the
+next ``casengine check`` computes it); upload sessions do not come back (their staged bytes
+are purged as orphans).
 Quotas live only in the index: they are carried over from the old one where it can still be
 read, and must be set again where it is lost.
 """
@@ -24,10 +28,10 @@ from typing import TYPE_CHECKING
 
 from casengine.backend import Backend
 from casengine.digest import Digest
-from casengine.errors import CASError
-from casengine.index import BlobRecord, LmdbIndex
+from casengine.errors import CASError, NotFound
+from casengine.index import BlobRecord, LmdbIndex, Txn
 from casengine.index_binding import bind, mark
-from casengine.layout import BLOBS, REPOSITORIES, ZST, parse_blob_key
+from casengine.layout import BLOBS, REPOSITORIES, ZST, parse_blob_key, parse_tag_record
 from casengine.registry.manifests import parse_manifest
 from casengine.seekable import read_table
 
@@ -79,15 +83,27 @@ def _split_repo_key(key: str) -> tuple[str, str, list[str]] | None:
     return None
 
 
+def _staging(index_path: str) -> str:
+    return f"{index_path.rstrip('/')}.rebuild-{os.getpid()}"
+
+
 def rebuild(backend: Backend, index_path: str, *, progress: Progress | None = None) -> ReindexReport:
     """Build a new index at ``index_path`` (replacing what is there) from ``backend``."""
+    try:
+        return _rebuild(backend, index_path, progress=progress)
+    except BaseException:
+        # a half-built index is no use to anyone, and the next run starts afresh anyway
+        shutil.rmtree(_staging(index_path), ignore_errors=True)
+        raise
+
+
+def _rebuild(backend: Backend, index_path: str, *, progress: Progress | None = None) -> ReindexReport:
     from casengine.engine import Engine
     from casengine.registry import Registry
-    from casengine.registry.model import add_link
 
     progress = progress or (lambda stage, n: None)
     quotas = _old_quotas(index_path)
-    staging = f"{index_path.rstrip('/')}.rebuild-{os.getpid()}"
+    staging = _staging(index_path)
     shutil.rmtree(staging, ignore_errors=True)
     index = LmdbIndex(staging)
     engine = Engine(backend, index)
@@ -132,16 +148,20 @@ def rebuild(backend: Backend, index_path: str, *, progress: Progress | None = No
                 txn.put("repos", name.encode(), json.dumps({"created": created,
                                                             "logical": 0}).encode())
                 for alg, hexdigest in (r for r in records["_links"] if len(r) == 2):
-                    digest = f"{alg}:{hexdigest}"
-                    if txn.get("blobs", digest.encode()) is not None:
-                        add_link(txn, name, digest)
-                        report.links += 1
+                    _restore_link(txn, name, f"{alg}:{hexdigest}")
+                    report.links += 1
             report.repositories += 1
             manifests = [f"{r[0]}:{r[1]}" for r in records["_manifests"] if len(r) == 2]
             _restore_manifests(registry, name, manifests, report)
             for rest in records["_tags"]:
                 tag = "/".join(rest)
-                digest = backend.get(f"{REPOSITORIES}{name}/_tags/{tag}").decode().strip()
+                try:
+                    digest = parse_tag_record(backend.get(f"{REPOSITORIES}{name}/_tags/{tag}"))
+                except NotFound:
+                    continue  # deleted since it was listed
+                if digest is None:
+                    report.skipped.append(f"{name}:{tag} (an unusable tag record)")
+                    continue
                 with index.transaction(write=True) as txn:
                     if txn.get("manifests", f"{name}\0{digest}".encode()) is not None:
                         txn.put("tags", f"{name}\0{tag}".encode(), digest.encode())
@@ -163,6 +183,19 @@ def rebuild(backend: Backend, index_path: str, *, progress: Progress | None = No
     os.rename(staging, index_path)
     shutil.rmtree(old, ignore_errors=True)
     return report
+
+
+def _restore_link(txn: Txn, repo: str, digest: str) -> None:
+    """The link as the backend records it, whether or not its blob is stored: a manifest
+    that needs a missing blob must show as missing it (check reports the image), and a
+    blob restored later must find its link, or GC would take it."""
+    from casengine.registry.model import _TIME, add_link
+
+    if txn.get("blobs", digest.encode()) is not None:
+        add_link(txn, repo, digest)
+    else:
+        txn.put("links", f"{repo}\0{digest}".encode(), _TIME.pack(time.time()))
+        txn.put("linked", f"{digest}\0{repo}".encode(), b"")
 
 
 def _restore_manifests(registry: Registry, name: str, digests: list[str],

@@ -21,12 +21,13 @@ import pytest
 from casengine.check import Checker
 from casengine.cli import cli as casengine_cli
 from casengine.cli.common import run_guarded
+from casengine.gc import Collector
 from casengine.registry import Registry, usage
 from casengine.reindex import ReindexReport, rebuild
 from tests.conftest import REGION
 from tests.helpers import digest_of
 from tests.registry_helpers import index_rows, layer, push, simple_image
-from tests.test_check import Store, World, make_store, open_raw_backend, world_for
+from tests.test_check import Store, World, check, make_store, open_raw_backend, recheck, world_for
 
 TABLES = ("links", "linked", "manifests", "tags", "refs", "referrers")
 
@@ -171,6 +172,62 @@ def test_reindex_replaces_an_index_that_says_more(world: World) -> None:
     parent = Path(store.index).parent
     assert sorted(p.name for p in parent.iterdir() if p.name.startswith(Path(store.index).name)) \
         == [Path(store.index).name]
+
+
+def test_reindex_keeps_a_missing_layer_needed_and_a_restored_one_linked(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The base layer's object lost before a reindex: the images that need it still show
+    as missing it, and the layer restored from a backup is linked again, so GC keeps it."""
+    world = world_for("local", tmp_path, request)
+    store, base = world.store, world.images["a1"].blobs[1].digest
+    store.delete(world.key(base))
+    reindex(store)
+
+    report = check(store)
+    missing = {r for f in report.findings if (f.kind, f.digest) == ("missing-blob", base)
+               for r in f.affected}
+    assert world.refs(base, transitive=False) <= missing
+
+    store.put(world.key(base), world.blobs[base])  # restored from a backup
+    with store.registry() as reg:
+        assert Checker(reg, repair=True).run().findings[0].repaired == "verified and re-indexed"
+        assert Collector(reg, grace=0).run().blobs == 0
+        assert all(reg.is_linked(repo, base) for repo in ("team/app", "other/svc", "team/multi"))
+    recheck(world)
+
+
+def test_reindex_skips_an_unusable_tag_record(tmp_path: Path,
+                                              request: pytest.FixtureRequest) -> None:
+    world = world_for("local", tmp_path, request)
+    store = world.store
+    store.put("repositories/team/app/_tags/v1", b"\xffgarbage")
+    report = reindex(store)
+    assert report.skipped == ["team/app:v1 (an unusable tag record)"]
+    with store.registry() as reg:
+        assert "v1" not in reg.tag_map("team/app")
+        assert reg.tag_map("team/app")["v2"] == world.images["a2"].digest
+
+
+def test_an_interrupted_reindex_leaves_no_staging_and_the_old_index(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    world = world_for("local", tmp_path, request)
+    store = world.store
+    before = snapshot(store)
+
+    def interrupt(stage: str, n: int) -> None:
+        if stage == "repositories":
+            raise KeyboardInterrupt
+
+    backend = open_raw_backend(store)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            rebuild(backend, store.index, progress=interrupt)
+    finally:
+        backend.close()
+    parent = Path(store.index).parent
+    assert sorted(p.name for p in parent.iterdir() if p.name.startswith(Path(store.index).name)) \
+        == [Path(store.index).name]
+    assert snapshot(store) == before
 
 
 # -- the command ------------------------------------------------------------------------------
