@@ -7,23 +7,29 @@
   manifests and configs included. A blob stored as seekable zstd is decompressed in the
   same pass over its stored bytes, and its seek table must match the record.
 
+An object whose size or xxh3 disagrees with its record is judged by its digest before it
+is called damaged (see :mod:`casengine.verify`).
+
 Both check references (every tag names a present manifest; every manifest's blobs and
 children are linked and stored; every link names a stored blob; every referrer entry
 matches its manifest), list orphans both ways (objects no record names, records whose
-object is gone) and stale upload sessions. Each unique blob is read once, however many
-repositories link it, and blobs are read in parallel. Every finding names the digest and
-the ``repo:tag`` and ``repo@digest`` references it affects.
+object is gone) and stale upload sessions. A repository's index rows are read in one
+transaction, after its backend records, so that a push landing meanwhile is never taken
+for damage. Each unique blob is read once, however many repositories link it, and blobs
+are read in parallel. Every finding names the digest and the ``repo:tag`` and
+``repo@digest`` references it affects.
 
-``repair`` moves corrupt or truncated objects to ``quarantine/`` (never deletes them) and
-drops their records; re-indexes orphan objects whose bytes match their name and
-quarantines the others; removes dangling records, tags, links and referrer entries. It
-never deletes intact data. The broken images are in the report.
+``repair`` (see :mod:`casengine.repair`) moves corrupt or truncated objects to
+``quarantine/`` (never deletes them) and drops their records; rewrites records that their
+verified objects contradict; re-indexes orphan objects whose bytes match their name and
+quarantines the others; removes dangling records, tags, links and referrer entries, but
+keeps what a manifest needs, so that restored bytes bring the image back. It never deletes
+intact data, and is safe while the registry serves. The broken images are in the report.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,28 +37,27 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
-import xxhash
-
-from casengine.backend import LocalPaths
-from casengine.digest import Digest, Hasher
-from casengine.errors import IntegrityError, NotFound
-from casengine.index import BlobRecord, pack_blob, unpack_blob
+from casengine.digest import Digest
+from casengine.errors import NotFound
+from casengine.gc import ORPHAN_MIN_AGE
+from casengine.index import BlobRecord, unpack_blob
 from casengine.layout import (
     BLOBS,
-    ZST,
-    blob_key,
     link_key,
     manifest_key,
     parse_blob_key,
+    parse_tag_record,
     repo_key,
 )
 from casengine.leases import is_live
-from casengine.seekable import FrameDecoder, read_table
+from casengine.repair import QUARANTINE, Left, Repairer
+from casengine.verify import Verdict, Verifier
 
 if TYPE_CHECKING:
     from casengine.registry import Registry
 
-QUARANTINE = "quarantine/"
+__all__ = ["QUARANTINE", "CheckReport", "Checker", "Finding", "Verdict"]
+
 Progress = Callable[[str, int], None]
 
 
@@ -62,7 +67,7 @@ class Finding:
     digest: str | None
     detail: str
     affected: list[str] = field(default_factory=list)
-    repaired: str | None = None
+    repaired: str | None = None  #: what repair did; None: nothing (the detail says why)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "digest": self.digest, "detail": self.detail,
@@ -88,30 +93,32 @@ class CheckReport:
                 "clean": self.clean, "findings": [f.to_json() for f in self.findings]}
 
 
-class _Throttle:
-    """At most ``rate`` bytes per second across all reading threads."""
+@dataclass(slots=True)
+class _Snapshot:
+    """A repository's index rows, read in one transaction."""
 
-    def __init__(self, rate: float | None) -> None:
-        self.rate = rate
-        self._start = time.monotonic()
-        self._bytes = 0
-        self._lock = threading.Lock()
+    manifests: dict[str, tuple[tuple[str, ...], str | None]]  #: digest -> (refs, subject)
+    tags: dict[str, str]
+    links: set[str]
+    stored: set[str]  #: digests of the above with a blob record
+    referrers: list[tuple[str, str]]  #: (subject, referrer digest)
 
-    def __call__(self, n: int) -> None:
-        if not self.rate:
-            return
-        with self._lock:
-            self._bytes += n
-            ahead = self._bytes / self.rate - (time.monotonic() - self._start)
-        if ahead > 0:
-            time.sleep(ahead)
+
+@dataclass(slots=True)
+class _Records:
+    """A repository's records in the backend."""
+
+    tags: dict[str, bytes]
+    links: set[str]
+    manifests: set[str]
 
 
 class Checker:
     def __init__(self, registry: Registry, *, full: bool = False, repo: str | None = None,
                  workers: int = 2, max_rate: float | None = None, repair: bool = False,
                  deadline: float | None = None, progress: Progress | None = None,
-                 upload_ttl: float | None = None, resume: bool = False) -> None:
+                 upload_ttl: float | None = None, resume: bool = False,
+                 orphan_min_age: float = ORPHAN_MIN_AGE) -> None:
         self.registry = registry
         self.engine = registry.engine
         self.index = registry.index
@@ -122,11 +129,13 @@ class Checker:
         self.repair = repair
         self.deadline = deadline
         self.progress = progress or (lambda stage, n: None)
-        self.throttle = _Throttle(max_rate)
         self.upload_ttl = upload_ttl
         self.resume = resume
+        #: an unrecorded object younger than this is never quarantined (see repair)
+        self.orphan_min_age = orphan_min_age
+        self.verifier = Verifier(self.backend, self.index, full=full, max_rate=max_rate)
+        self.fixer = Repairer(self)
         self._refs: dict[str, list[str]] | None = None
-        self._local = threading.local()
         self._state_key = f"check:{'full' if full else 'fast'}:{repo or '*'}".encode()
 
     # -- what a problem affects -----------------------------------------------------------
@@ -159,6 +168,16 @@ class Checker:
         finding = Finding(kind, digest, detail, self.affected(digest) if digest else [])
         report.findings.append(finding)
         return finding
+
+    def _act(self, finding: Finding, repair: Callable[..., str], *args: Any) -> None:
+        """Run one repair of ``finding`` (only with ``repair``); what it could not do
+        stays unrepaired, and the detail says why."""
+        if not self.repair:
+            return
+        try:
+            finding.repaired = repair(*args)
+        except Left as exc:
+            finding.detail += f"; left: {exc}"
 
     def _selected(self, repo: str) -> bool:
         return self.repo is None or fnmatchcase(repo, self.repo)
@@ -234,125 +253,35 @@ class Checker:
                 if self.deadline is not None and time.monotonic() > self.deadline:
                     report.complete = False
                     break
-                pending.append(pool.submit(self._verify, record))
+                pending.append(pool.submit(self.verifier.verify, record))
                 if len(pending) >= 4 * self.workers:
                     self._collect(pending.pop(0).result(), report)
             for future in pending:
                 self._collect(future.result(), report)
 
-    def _verify(self, record: BlobRecord) -> tuple[BlobRecord, str | None, str, int]:
-        """(record, problem kind or None, detail, bytes read)."""
-        result = self._verify_stored(record)
-        if result[1] is not None:
-            current = self.index.get_blob(record.digest)
-            if current is not None and current.codec != record.codec:
-                return self._verify_stored(current)  # compressed while we looked: check that
-        return result
-
-    def _verify_stored(self, record: BlobRecord) -> tuple[BlobRecord, str | None, str, int]:
-        key = blob_key(Digest.parse(record.digest), record.codec)
-        try:
-            info = self.backend.stat(key)
-        except NotFound:
-            return record, "missing-object", f"object {key} is gone", 0
-        if info.size != record.stored_size:
-            kind = "truncated" if info.size < record.stored_size else "corrupt"
-            detail = f"object has {info.size} bytes, the record says {record.stored_size}"
-            return record, kind, detail, 0
-        # without a recorded xxh3 (chunked uploads, reindex) only the digest can vouch
-        verify = self.full or not record.xxh3
-        hasher = Hasher(record.digest.split(":", 1)[0]) if verify else None
-        try:
-            xxh, n = self._scan(key, record.codec, record.stored_size, hasher)
-        except IntegrityError as exc:
-            return record, "corrupt", str(exc), 0
-        except NotFound:
-            return record, "missing-object", f"object {key} went while it was read", 0
-        if record.xxh3 and xxh != record.xxh3:
-            return record, "corrupt", "xxh3 of the stored bytes does not match the record", n
-        if hasher is not None and str(hasher.digest()) != record.digest:
-            return record, "corrupt", f"the bytes hash to {hasher.digest()}", n
-        if hasher is not None and hasher.size != record.size:
-            return record, "corrupt", f"{hasher.size} logical bytes, the record says {record.size}", n
-        if not record.xxh3:
-            self._fill_xxh3(record, xxh)
-        return record, None, "", n
-
-    def _scan(self, key: str, codec: str, stored_size: int,
-              hasher: Hasher | None) -> tuple[str, int]:
-        """One pass over a stored object: the xxh3 of its bytes and their count; ``hasher``
-        (if any) gets the logical bytes, decompressed from a ``zst`` object on the way."""
-        decoder = None
-        if codec == ZST and hasher is not None:
-            decoder = FrameDecoder(read_table(self.backend, key, stored_size)[0], key=key)
-        xxh, n = xxhash.xxh3_128(), 0
-        for chunk in self._stored_bytes(key):
-            xxh.update(chunk)
-            n += len(chunk)
-            self.throttle(len(chunk))
-            if decoder is not None:
-                for frame in decoder.feed(chunk):
-                    hasher.update(frame)  # type: ignore[union-attr]
-            elif hasher is not None:
-                hasher.update(chunk)
-        if decoder is not None:
-            decoder.close()
-        return xxh.hexdigest(), n
-
-    def _stored_bytes(self, key: str) -> Iterator[memoryview | bytes]:
-        """The object's bytes; a local file is read into one reused buffer per thread,
-        which is twice as fast here as a new bytes object per chunk."""
-        if not isinstance(self.backend, LocalPaths):
-            yield from self.backend.read(key, chunk_size=4 << 20)
-            return
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = self._local.buf = bytearray(4 << 20)
-        view = memoryview(buf)
-        try:
-            f = open(self.backend.local_path(key), "rb", buffering=0)  # noqa: SIM115
-        except FileNotFoundError as exc:
-            raise NotFound(f"object {key} is gone") from exc
-        with f:
-            while n := f.readinto(buf):
-                yield view[:n]
-
-    def _fill_xxh3(self, record: BlobRecord, xxh3: str) -> None:
-        key = record.digest.encode()
-        with self.index.transaction(write=True) as txn:
-            value = txn.get("blobs", key)
-            if value is not None and not unpack_blob(key, value).xxh3:
-                current = unpack_blob(key, value)
-                txn.put("blobs", key, pack_blob(BlobRecord(
-                    current.digest, current.size, current.codec, current.stored_size, xxh3,
-                    current.created, current.touched)))
-
-    def _collect(self, result: tuple[BlobRecord, str | None, str, int], report: CheckReport) -> None:
-        record, kind, detail, n = result
+    def _collect(self, verdict: Verdict, report: CheckReport) -> None:
+        record = verdict.record
         report.blobs += 1
-        report.bytes += n
+        report.bytes += verdict.read
         self._after = max(self._after, record.digest)
-        self.progress("blobs", n)
-        if kind is None:
+        self.progress("blobs", verdict.read)
+        if verdict.kind is None:
             return
-        finding = self._find(report, kind, record.digest, detail)
-        if self.repair:
-            key = blob_key(Digest.parse(record.digest), record.codec)
-            if kind != "missing-object":
-                self._quarantine(key)
-            self.index.delete_blob(record.digest)
-            finding.repaired = "record dropped" + ("" if kind == "missing-object"
-                                                   else ", object quarantined")
+        finding = self._find(report, verdict.kind, record.digest, verdict.detail)
+        self._act(finding, self.fixer.blob, verdict)
 
-    def _quarantine(self, key: str) -> str:
-        """Move ``key`` under quarantine/ (copy, then delete): never lose the bytes."""
-        target = f"{QUARANTINE}{key[len(BLOBS):]}.{int(time.time())}"
-        with self.backend.writer() as w:
-            for chunk in self.backend.read(key, chunk_size=4 << 20):
-                w.write(chunk)
-            w.commit(target)
-        self.backend.delete(key)
-        return target
+    # -- orphans --------------------------------------------------------------------------
+
+    def _recorded_as(self, digest: Digest, codec: str) -> bool:
+        """Whether a record names this object, or a delete of it is under way."""
+        name = str(digest).encode()
+        with self.index.transaction() as txn:
+            value = txn.get("blobs", name)
+            held = txn.get("deleting", name)
+        if value is not None and unpack_blob(name, value).codec == codec:
+            return True
+        # a dead lease is what a killed collector left: its object is an orphan
+        return held is not None and is_live(json.loads(held))
 
     def _check_orphans(self, report: CheckReport) -> None:
         if self.repo is not None:
@@ -363,147 +292,186 @@ class Checker:
                 self._find(report, "unknown-object", None, f"{key} is not a blob key")
                 continue
             digest, codec = parsed
-            record = self.index.get_blob(str(digest))
-            if record is not None and record.codec == codec:
+            if self._recorded_as(digest, codec):
                 continue
-            with self.index.transaction() as txn:
-                held = txn.get("deleting", str(digest).encode())
-            if held is not None and is_live(json.loads(held)):
-                continue  # being deleted right now (a dead lease: a killed collector's)
+            try:
+                info = self.backend.stat(key)
+            except NotFound:
+                continue  # deleted meanwhile
+            if self._recorded_as(digest, codec):
+                continue  # its publish recorded it meanwhile
             finding = self._find(report, "orphan-object", str(digest),
                                  f"object {key} has no index record")
-            if self.repair:
-                finding.repaired = self._adopt(key, digest, codec)
+            self._act(finding, self.fixer.orphan, key, digest, codec, info)
 
-    def _adopt(self, key: str, digest: Digest, codec: str) -> str:
-        """Re-index an orphan whose bytes match its name; quarantine any other."""
-        hasher = Hasher(digest.algorithm)
-        try:
-            xxh, stored = self._scan(key, codec, self.backend.stat(key).size, hasher)
-        except IntegrityError:
-            return f"quarantined as {self._quarantine(key)}"
-        if hasher.digest() != digest or self.index.get_blob(str(digest)) is not None:
-            return f"quarantined as {self._quarantine(key)}"
-        now = time.time()
-        self.index.add_blob(BlobRecord(str(digest), hasher.size, codec, stored, xxh, now, now))
-        return "verified and re-indexed"
+    # -- references -----------------------------------------------------------------------
 
     def _check_references(self, report: CheckReport) -> None:
-        reg = self.registry
-        for repo in list(reg.repositories()):
+        for repo in list(self.registry.repositories()):
             if not self._selected(repo):
                 continue
-            manifests = {m.digest: m for m in reg.manifests(repo)}
-            self._compare_records(report, repo, manifests)
-            for tag, digest in reg.tag_map(repo).items():
-                if digest not in manifests or not self.engine.exists(digest):
-                    f = self._find(report, "dangling-tag", digest,
-                                   f"tag {repo}:{tag} names a manifest that is not stored")
-                    f.affected = sorted({*f.affected, f"{repo}:{tag}"})
-                    if self.repair:
-                        reg.delete_tag(repo, tag)
-                        f.repaired = "tag removed"
-            for m in manifests.values():
-                for ref in (m.digest, *m.refs):
-                    if not self.engine.exists(ref) or not reg.is_linked(repo, ref):
-                        f = self._find(report, "missing-blob", ref,
-                                        f"{repo}@{m.digest} needs {ref}, which is not stored "
-                                        "or not linked")
-                        f.affected = sorted({*f.affected, f"{repo}@{m.digest}"})
-            with self.index.transaction() as txn:
-                links = [k.split(b"\0", 1)[1].decode()
-                         for k, _ in txn.scan("links", f"{repo}\0".encode())]
-            needed = {r for m in manifests.values() for r in (m.digest, *m.refs)}
-            for digest in links:
-                if self.engine.exists(digest):
-                    continue
-                if digest in needed:
-                    # the link stays: without it GC would take the bytes once restored
-                    self._find(report, "dangling-link", digest,
-                               f"{repo} links {digest}, which is not stored and a manifest "
-                               "needs: restore the blob (e.g. from a backup), then run "
-                               "check --repair")
-                    continue
-                f = self._find(report, "dangling-link", digest,
-                               f"{repo} links {digest}, which is not stored")
-                if self.repair:
-                    reg.unlink(repo, digest)
-                    f.repaired = "link removed"
-            with self.index.transaction() as txn:
-                entries = [(k, v) for k, v in txn.scan("referrers", f"{repo}\0".encode())]
-            for k, _ in entries:
-                _, subject, digest = k.decode().split("\0")
-                m = manifests.get(digest)
-                if m is None or m.subject != subject:
+            # the backend first: a push writes there before its index transaction, so what
+            # it pushes meanwhile is seen in the index, if anywhere
+            records = self._backend_records(repo)
+            snap = self._snapshot(repo)
+            if snap is None:
+                continue  # deleted meanwhile
+            self._compare_records(report, repo, records, snap)
+            self._check_tags(report, repo, snap)
+            self._check_manifests(report, repo, snap)
+            self._check_links(report, repo, snap, records)
+            for subject, digest in snap.referrers:
+                m = snap.manifests.get(digest)
+                if m is None or m[1] != subject:
                     f = self._find(report, "bad-referrer", digest,
                                    f"referrer entry {repo}: {digest} -> {subject} has no "
                                    "matching manifest")
-                    if self.repair:
-                        with self.index.transaction(write=True) as txn:
-                            txn.delete("referrers", k)
-                        f.repaired = "entry removed"
+                    self._act(f, self.fixer.drop_referrer, repo, subject, digest)
 
-    def _compare_records(self, report: CheckReport, repo: str, manifests: dict[str, Any]) -> None:
-        """The backend's records of ``repo`` (what reindex would rebuild) against the index.
+    def _snapshot(self, repo: str) -> _Snapshot | None:
+        prefix = f"{repo}\0".encode()
 
-        Writes reach the backend first, so where the two disagree the backend holds the
-        later truth: repair brings the index to it (or, for a record the backend lost,
-        writes the record again from the index).
-        """
-        reg = self.registry
+        def rows(txn: Any, table: str) -> Iterator[tuple[str, bytes]]:
+            for k, v in txn.scan(table, prefix):
+                yield k[len(prefix):].decode(errors="replace"), v
+
+        with self.index.transaction() as txn:
+            if txn.get("repos", repo.encode()) is None:
+                return None
+            manifests = {}
+            for digest, value in rows(txn, "manifests"):
+                record = json.loads(value)
+                manifests[digest] = (tuple(record["refs"]), record.get("subject"))
+            tags = {tag: v.decode(errors="replace") for tag, v in rows(txn, "tags")}
+            links = {digest for digest, _ in rows(txn, "links")}
+            referrers = [tuple(k.split("\0", 1)) for k, _ in rows(txn, "referrers")]
+            wanted = links | set(tags.values()) | {
+                r for d, (refs, _) in manifests.items() for r in (d, *refs)}
+            stored = {d for d in wanted if txn.get("blobs", d.encode()) is not None}
+        return _Snapshot(manifests, tags, links, stored, referrers)  # type: ignore[arg-type]
+
+    def _check_tags(self, report: CheckReport, repo: str, snap: _Snapshot) -> None:
+        for tag, digest in sorted(snap.tags.items()):
+            if digest in snap.manifests and digest in snap.stored:
+                continue
+            if digest in snap.manifests:
+                # its record and link stay for a restore of the bytes: so does the tag,
+                # or the restored manifest would come back without its name
+                f = self._find(report, "dangling-tag", digest,
+                               f"tag {repo}:{tag} names a manifest whose bytes are not "
+                               "stored: the tag stays, so restoring them (e.g. from a "
+                               "backup) brings the image back")
+            else:
+                f = self._find(report, "dangling-tag", digest,
+                               f"tag {repo}:{tag} names a manifest that is not stored")
+                self._act(f, self.fixer.drop_tag, repo, tag, digest)
+            f.affected = sorted({*f.affected, f"{repo}:{tag}"})
+
+    def _check_manifests(self, report: CheckReport, repo: str, snap: _Snapshot) -> None:
+        for digest, (refs, _) in snap.manifests.items():
+            for ref in (digest, *refs):
+                if ref not in snap.stored or ref not in snap.links:
+                    f = self._find(report, "missing-blob", ref,
+                                   f"{repo}@{digest} needs {ref}, which is not stored "
+                                   "or not linked")
+                    f.affected = sorted({*f.affected, f"{repo}@{digest}"})
+
+    def _check_links(self, report: CheckReport, repo: str, snap: _Snapshot,
+                     records: _Records) -> None:
+        # a manifest only the backend records (reindex could not read its bytes) needs its
+        # own link too: restored, its bytes must not be collected before a reindex
+        needed = records.manifests | {
+            r for d, (refs, _) in snap.manifests.items() for r in (d, *refs)}
+        for digest in sorted(snap.links - snap.stored):
+            if digest in needed:
+                # the link stays: without it GC would take the bytes once restored
+                self._find(report, "dangling-link", digest,
+                           f"{repo} links {digest}, which is not stored and a manifest "
+                           "needs: restore the blob (e.g. from a backup), then run "
+                           "check --repair")
+                continue
+            f = self._find(report, "dangling-link", digest,
+                           f"{repo} links {digest}, which is not stored")
+            self._act(f, self.fixer.unlink, repo, digest)
+
+    def _backend_records(self, repo: str) -> _Records:
+        tags: dict[str, bytes] = {}
         prefix = repo_key(repo, "_tags/")
-        stored = {}
         for key in self.backend.list(prefix):
             try:
-                stored[key[len(prefix):]] = self.backend.get(key).decode().strip()
+                tags[key[len(prefix):]] = self.backend.get(key)
             except NotFound:
                 continue
-        indexed = reg.tag_map(repo)
-        for tag in sorted(set(stored) | set(indexed)):
-            here, there = indexed.get(tag), stored.get(tag)
-            if here == there:
+        found = []
+        for part in ("_links/", "_manifests/"):
+            table_prefix = repo_key(repo, part)
+            found.append({"{}:{}".format(*k[len(table_prefix):].split("/", 1))
+                          for k in self.backend.list(table_prefix)
+                          if "/" in k[len(table_prefix):]})
+        return _Records(tags, *found)
+
+    def _compare_records(self, report: CheckReport, repo: str, records: _Records,
+                         snap: _Snapshot) -> None:
+        """The backend's records of ``repo`` (what reindex would rebuild) against the index.
+
+        The index transaction is a push's acknowledgement, so the index holds what was
+        acknowledged: where the two disagree, repair makes the backend say what the index
+        says (as garbage collection's orphan pass does); a record the index lacks is left
+        to that pass, which removes it once it is old.
+        """
+        for tag in sorted(set(records.tags) | set(snap.tags)):
+            here, raw = snap.tags.get(tag), records.tags.get(tag)
+            there = parse_tag_record(raw) if raw is not None else None
+            if raw is not None and here == there:
                 continue
-            if here is None:
+            if not self._still_differ(repo, tag):
+                continue  # a push or delete was between our two reads
+            if raw is not None and there is None:
+                detail = (f"the backend's record of tag {repo}:{tag} is unusable "
+                          f"({len(raw)} bytes that name no digest)")
+                detail += f"; the index says {here}" if here else ""
+            elif here is None:
                 detail = f"tag {repo}:{tag} is in the backend ({there}) but not in the index"
-            elif there is None:
+            elif raw is None:
                 detail = f"tag {repo}:{tag} is in the index ({here}) but not in the backend"
             else:
                 detail = f"tag {repo}:{tag} is {here} in the index but {there} in the backend"
             f = self._find(report, "tag-record", here or there, detail)
             f.affected = sorted({*f.affected, f"{repo}:{tag}"})
-            if self.repair:
-                f.repaired = self._repair_tag(repo, tag, there, manifests)
-        for kind, key_of, present in (
-                ("link-record", link_key, lambda d: reg.is_linked(repo, d)),
-                ("manifest-record", manifest_key, lambda d: d in manifests)):
-            table_prefix = repo_key(repo, "_links/" if kind == "link-record" else "_manifests/")
-            in_backend = {"{}:{}".format(*k[len(table_prefix):].split("/", 1))
-                          for k in self.backend.list(table_prefix) if "/" in k[len(table_prefix):]}
-            with self.index.transaction() as txn:
-                table = "links" if kind == "link-record" else "manifests"
-                in_index = {k.split(b"\0", 1)[1].decode()
-                            for k, _ in txn.scan(table, f"{repo}\0".encode())}
+            self._act(f, self.fixer.tag_record, repo, tag, raw)
+        for kind, table, key_of, in_backend in (
+                ("link-record", "links", link_key, records.links),
+                ("manifest-record", "manifests", manifest_key, records.manifests)):
+            in_index = snap.links if table == "links" else set(snap.manifests)
             for digest in sorted(in_index - in_backend):
+                key = key_of(repo, Digest.parse(digest))
+                with self.index.transaction() as txn:
+                    gone = txn.get(table, f"{repo}\0{digest}".encode()) is None
+                if gone or self.backend.exists(key):
+                    continue  # deleted, or pushed, between our two reads
                 f = self._find(report, kind, digest,
                                f"{repo}: {digest} is in the index but has no backend record")
-                if self.repair and present(digest):
-                    self.backend.put(key_of(repo, Digest.parse(digest)), b"")
-                    f.repaired = "backend record written"
+                self._act(f, self.fixer.write_record, key, table, f"{repo}\0{digest}".encode())
             for digest in sorted(in_backend - in_index):
+                with self.index.transaction() as txn:
+                    if txn.get(table, f"{repo}\0{digest}".encode()) is not None:
+                        continue  # its push recorded it between our two reads
                 self._find(report, kind, digest, f"{repo}: the backend records {digest}, the "
-                           "index does not (casengine reindex restores it)")
+                           "index does not: left by a push never acknowledged (gc --orphans "
+                           "removes it once old), or lost by the index (casengine reindex "
+                           "restores it)")
 
-    def _repair_tag(self, repo: str, tag: str, there: str | None,
-                    manifests: dict[str, Any]) -> str:
-        if there is None:  # the backend lost it: write it again from the index
-            digest = self.registry.tag_map(repo)[tag]
-            self.backend.put(repo_key(repo, "_tags", tag), digest.encode())
-            return "backend record written"
-        if there not in manifests:
-            return "left: the backend's manifest is not in the index (run reindex)"
-        with self.index.transaction(write=True) as txn:
-            txn.put("tags", f"{repo}\0{tag}".encode(), there.encode())
-        return "index updated from the backend"
+    def _still_differ(self, repo: str, tag: str) -> bool:
+        """Whether backend and index still disagree on ``repo:tag``, read again."""
+        try:
+            raw = self.backend.get(repo_key(repo, "_tags", tag))
+        except NotFound:
+            raw = None
+        with self.index.transaction() as txn:
+            value = txn.get("tags", f"{repo}\0{tag}".encode())
+        here = None if value is None else value.decode(errors="replace")
+        return raw is None and here is not None or raw is not None and (
+            parse_tag_record(raw) is None or parse_tag_record(raw) != here)
 
     def _check_uploads(self, report: CheckReport) -> None:
         ttl = self.upload_ttl if self.upload_ttl is not None else self.engine.uploads.ttl
@@ -513,6 +481,8 @@ class Checker:
                 f = self._find(report, "stale-upload", None,
                                f"upload {status.id} to {status.repository} idle since "
                                f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(status.updated))}")
-                if self.repair:
-                    self.engine.uploads.cancel(status.id)
-                    f.repaired = "session purged"
+                self._act(f, self._purge_upload, status.id)
+
+    def _purge_upload(self, upload_id: str) -> str:
+        self.engine.uploads.cancel(upload_id)
+        return "session purged"
