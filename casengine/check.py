@@ -85,7 +85,8 @@ class CheckReport:
 
     @property
     def clean(self) -> bool:
-        return not self.findings
+        # a check that stopped early has not seen everything: it cannot vouch for the store
+        return self.complete and not self.findings
 
     def to_json(self) -> dict[str, Any]:
         return {"mode": self.mode, "blobs": self.blobs, "bytes": self.bytes,

@@ -980,6 +980,23 @@ def test_time_limit_and_resume_on_the_command_line(local_world: World,
     assert [f.digest for f in again.findings if f.kind == "corrupt"] == [last]
 
 
+def test_a_check_stopped_early_is_never_clean(local_world: World,
+                                             cli: Callable[..., Run]) -> None:
+    """Stopped before it read the damaged blob, a check cannot vouch for the store: not
+    clean, and its own exit code (3), apart from 0 and from 1 (problems found)."""
+    world, store = local_world, local_world.store
+    base = world.images["a1"].blobs[1].digest
+    store.put(world.key(base), flip(world.blobs[base], 7))
+
+    stopped = cli(store, "check", *WORKERS, "--time-limit", "0", "--json")
+    assert (stopped.code, stopped.json["complete"], stopped.json["clean"]) == (3, False, False)
+    text = cli(store, "check", *WORKERS, "--time-limit", "0")
+    assert text.code == 3 and "clean" not in text.out and "--resume goes on" in text.out
+    with store.registry() as reg:
+        assert not _stop_after_first_blob(reg).clean
+    assert cli(store, "check", *WORKERS, "--resume").code == 1
+
+
 def test_progress_bar_on_a_terminal_and_max_rate(local_world: World, tmp_path: Path,
                                                 cli: Callable[..., Run]) -> None:
     """A bar on stderr when it is a terminal, nothing otherwise; --max-rate holds the reads

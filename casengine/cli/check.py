@@ -10,9 +10,11 @@ import click
 from casengine.cli.common import Settings, emit_json, require_store
 from casengine.cli.registry import registry_from
 
-#: check's own exit codes (README): problems found, and the check itself failed.
+#: check's own exit codes (README): problems found (or left unrepaired), the check itself
+#: failed, and stopped early (--time-limit) without a problem in what it did check.
 EXIT_PROBLEMS = 1
 EXIT_FAILED = 2
+EXIT_INCOMPLETE = 3
 
 
 def _bar(stage: str, unit: str = "B") -> object:
@@ -37,7 +39,12 @@ def _bar(stage: str, unit: str = "B") -> object:
 @click.pass_context
 def check(ctx: click.Context, mode: str, pattern: str | None, repair: bool, workers: int,
           max_rate: str | None, time_limit: str | None, resume: bool, as_json: bool) -> None:
-    """Verify stored data and references; exit 0 clean, 1 problems found, 2 failed."""
+    """Verify stored data and references.
+
+    Exit 0 clean (with --repair: everything found was repaired), 1 problems found or left
+    unrepaired, 2 the check failed, 3 stopped early by --time-limit with no problem in what
+    it checked (--resume goes on).
+    """
     from casengine.check import Checker
     from casengine.errors import CASError
     from casengine.units import format_size, parse_duration, parse_size
@@ -66,10 +73,12 @@ def check(ctx: click.Context, mode: str, pattern: str | None, repair: bool, work
             click.echo(f"{f.kind}: {f.digest or '-'}: {f.detail}"
                        + (f" [affects {', '.join(f.affected)}]" if f.affected else "")
                        + (f" -> {f.repaired}" if f.repaired else ""))
-        if report.clean and report.complete:
+        if report.clean:
             click.echo("clean")
-    if report.findings and not (repair and all(f.repaired for f in report.findings)):
+    if any(not (repair and f.repaired) for f in report.findings):
         ctx.exit(EXIT_PROBLEMS)
+    if not report.complete:  # unchecked blobs may be damaged: never a clean bill of health
+        ctx.exit(EXIT_INCOMPLETE)
 
 
 @click.command()
