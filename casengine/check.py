@@ -146,9 +146,13 @@ class Checker:
         if self._refs is None:
             refs: dict[str, list[str]] = {}
             for repo in self.registry.repositories():
-                manifests = {m.digest: m for m in self.registry.manifests(repo)}
+                try:
+                    manifests = {m.digest: m for m in self.registry.manifests(repo)}
+                    tag_map = self.registry.tag_map(repo)
+                except NotFound:
+                    continue  # deleted meanwhile
                 names: dict[str, set[str]] = {d: {f"{repo}@{d}"} for d in manifests}
-                for tag, d in self.registry.tag_map(repo).items():
+                for tag, d in tag_map.items():
                     names.setdefault(d, set()).add(f"{repo}:{tag}")
                 # an image inside an index is also needed by the index and its tags
                 changed = True

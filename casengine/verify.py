@@ -79,7 +79,10 @@ class Verifier:
         verdict = self._verify_stored(record)
         if verdict.kind is not None:
             current = self.index.get_blob(record.digest)
-            if current is not None and not same_record(current, record):
+            if current is None:
+                # deleted while we looked (blob rm, GC): no record, so nothing to vouch for
+                return Verdict(record, None, "", verdict.read)
+            if not same_record(current, record):
                 # compressed or repaired while we looked: check what the record says now
                 return self._verify_stored(current)
         return verdict

@@ -11,6 +11,7 @@ lost data is the one that happens every time.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import pytest
 from casengine.check import Checker
 from casengine.index import pack_blob
 from casengine.layout import repo_key, tag_key
+from casengine.repair import Left
+from casengine.verify import Verdict
 from tests.helpers import digest_of
 from tests.registry_helpers import config, layer, oci_manifest, push, simple_image
 from tests.test_check import (
@@ -93,6 +96,50 @@ def test_an_object_whose_record_lands_while_repair_hashes_it_stays(
     assert quarantined(store) == {}
     assert [f.repaired for f in report.findings] == [
         "recorded meanwhile (its publish was in progress)"]
+
+
+def test_a_blob_deleted_while_check_reads_it_is_no_finding(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``blob rm`` (or GC) takes an unlinked blob while check reads it: its record went
+    with its object, so nothing is wrong, and repair has nothing to do."""
+    store = world.store
+    data = b"an unlinked blob, deleted while it is checked" * 50
+    with store.registry() as reg:
+        digest = str(reg.engine.ingest(data).digest)
+        real_path, deleted = reg.backend.local_path, []
+
+        def local_path(key: str) -> str:
+            if key == world.key(digest) and not deleted:
+                deleted.append(reg.engine.delete(digest))
+            return real_path(key)
+
+        monkeypatch.setattr(reg.backend, "local_path", local_path)
+        report = Checker(reg, repair=True).run()
+    assert deleted == [True]
+    assert report.clean, report.to_json()
+
+
+def test_each_repair_looks_again_where_it_acts(world: World) -> None:
+    """What check found has changed by the time repair acts: each step sees it inside its
+    own transaction, and holds back."""
+    store = world.store
+    a1, sig = world.images["a1"], world.images["sig"]
+    cfg, lay = a1.blobs[0].digest, world.images["s1"].blobs[1].digest
+    ghost = simple_image("ghost").digest
+    with store.registry() as reg:
+        fixer = Checker(reg, repair=True).fixer
+        with pytest.raises(Left, match="moved"):  # re-tagged meanwhile
+            fixer.drop_tag("team/app", "v1", ghost)
+        assert fixer.unlink("team/app", cfg) == "the blob was stored meanwhile"
+        assert fixer.drop_referrer("team/app", a1.digest, sig.digest) == \
+            "its manifest was recorded meanwhile"
+        found = replace(reg.engine.stat(lay), stored_size=1)  # the record check saw
+        with pytest.raises(Left, match="record changed"):
+            fixer.blob(Verdict(found, "truncated", "object has 700 bytes, the record says 1"))
+        assert reg.tag_map("team/app")["v1"] == a1.digest and reg.is_linked("team/app", cfg)
+        assert [d["digest"] for d in reg.referrers("team/app", a1.digest)] == [sig.digest]
+    assert quarantined(store) == {}
+    recheck(world)
 
 
 # -- a wrong record over intact bytes ----------------------------------------------------------
