@@ -22,7 +22,6 @@ A step that cannot act raises :class:`Left`; the finding stays unrepaired and sa
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -34,8 +33,9 @@ import xxhash
 from casengine.digest import Digest, Hasher
 from casengine.errors import IntegrityError, NotFound
 from casengine.index import BlobRecord, pack_blob, unpack_blob
-from casengine.layout import BLOBS, blob_key, link_key, parse_tag_record, tag_key
+from casengine.layout import BLOBS, blob_key, parse_tag_record, tag_key
 from casengine.leases import is_live, new_lease
+from casengine.registry import records
 from casengine.verify import same_record
 
 if TYPE_CHECKING:
@@ -217,19 +217,13 @@ class Repairer:
 
     def _put_from_index(self, key: str, table: str, ikey: bytes,
                         body: Callable[[bytes], bytes]) -> None:
-        """Write the backend record ``key`` from the index's ``table`` row, then look at
-        the row again: a delete or a push may have changed it while we wrote."""
-        value = self._indexed(table, ikey)
-        if value is None:
-            raise Left("gone from the index meanwhile")
-        self.backend.put(key, body(value))
-        after = self._indexed(table, ikey)
-        if after is None:
-            with contextlib.suppress(NotFound):
-                self.backend.delete(key)
-            raise Left("gone from the index meanwhile")
-        if after != value:
-            self.backend.put(key, body(after))
+        """Write the backend record ``key`` from the index's ``table`` row, under the
+        record's lock: no push or delete of it can change the row meanwhile."""
+        with records.locked(self.index, [key]):
+            value = self._indexed(table, ikey)
+            if value is None:
+                raise Left("gone from the index meanwhile")
+            self.backend.put(key, body(value))
 
     def write_record(self, key: str, table: str, ikey: bytes) -> str:
         """A link or manifest record the backend lost, written again from the index."""
@@ -259,41 +253,31 @@ class Repairer:
 
     def drop_tag(self, repo: str, tag: str, digest: str) -> str:
         """Remove a tag that names a manifest the repository has no record of."""
-        ikey = _k(repo, tag)
-        with self.index.transaction(write=True) as txn:
-            if txn.get("tags", ikey) != digest.encode():
-                raise Left("the tag moved while it was checked")
-            if txn.get("manifests", _k(repo, digest)) is not None:
-                raise Left("its manifest was recorded meanwhile")
-            txn.delete("tags", ikey)
-        key = tag_key(repo, tag)
-        try:
-            seen = parse_tag_record(self.backend.get(key))
-        except NotFound:
-            return "tag removed"
-        # a push of the same tag writes its record before its transaction: keep that one
-        if seen in (digest, None):
-            self.backend.delete(key)
-            if self._indexed("tags", ikey) is not None:
-                self._put_from_index(key, "tags", ikey, lambda value: value)
+        record = records.tag_record(repo, tag)
+        with records.locked(self.index, [record.key]):  # a push of the tag waits
+            with self.index.transaction(write=True) as txn:
+                if txn.get("tags", record.row) != digest.encode():
+                    raise Left("the tag moved while it was checked")
+                if txn.get("manifests", _k(repo, digest)) is not None:
+                    raise Left("its manifest was recorded meanwhile")
+                txn.delete("tags", record.row)
+            records.agree(self.index, self.backend, [record])
         return "tag removed"
 
     def unlink(self, repo: str, digest: str) -> str:
         """Remove a link to a blob that is not stored and that no manifest needs."""
-        ikey = _k(repo, digest)
-        with self.index.transaction(write=True) as txn:
-            if txn.get("links", ikey) is None:
-                return "gone meanwhile"
-            if txn.get("blobs", digest.encode()) is not None:
-                return "the blob was stored meanwhile"
-            if txn.get("refs", ikey) is not None:
-                raise Left("a manifest needs it now: it stays for a restore")
-            txn.delete("links", ikey)
-            txn.delete("linked", _k(digest, repo))
-        key = link_key(repo, Digest.parse(digest))
-        self.backend.delete(key)
-        if self._indexed("links", ikey) is not None:  # linked again meanwhile
-            self.backend.put(key, b"")
+        record = records.link_record(repo, Digest.parse(digest))
+        with records.locked(self.index, [record.key]):  # a push linking it waits
+            with self.index.transaction(write=True) as txn:
+                if txn.get("links", record.row) is None:
+                    return "gone meanwhile"
+                if txn.get("blobs", digest.encode()) is not None:
+                    return "the blob was stored meanwhile"
+                if txn.get("refs", record.row) is not None:
+                    raise Left("a manifest needs it now: it stays for a restore")
+                txn.delete("links", record.row)
+                txn.delete("linked", _k(digest, repo))
+            records.agree(self.index, self.backend, [record])
         return "link removed"
 
     def drop_referrer(self, repo: str, subject: str, digest: str) -> str:
