@@ -23,6 +23,7 @@ from tests.registry_helpers import (
     oci_manifest,
     push,
     push_blobs,
+    simple_image,
     snapshot,
 )
 
@@ -303,3 +304,29 @@ def test_refused_pushes_leave_usage_unchanged(reg: Registry) -> None:
             call()
         assert snapshot(reg) == before
     _check_report(reg, s)
+
+
+def test_over_a_quota_a_push_that_adds_nothing_is_accepted(reg: Registry) -> None:
+    """A quota lowered below what is used: new bytes are refused, but a client's retry of
+    the same manifest, or a new tag of it, uses nothing more and must not fail."""
+    _scenario(reg)
+    m = oci_manifest(config("over"), [layer("over", 50)])
+    push_blobs(reg, "team/new", [*m.blobs])
+    reg.put_manifest("team/new", "v1", m.content)
+    reg.quotas.set("team/", 1)  # far below what team/ uses now
+    reg.put_manifest("team/new", "v1", m.content)  # the retry
+    reg.put_manifest("team/new", "v2", m.content)  # another tag
+    reg.ingest_blob("team/new", m.blobs[0].content, digest=m.blobs[0].digest)  # re-push
+    assert reg.tag_map("team/new") == {"v1": m.digest, "v2": m.digest}
+    with pytest.raises(QuotaExceeded):
+        reg.ingest_blob("team/new", b"a new byte")
+
+
+def test_repo_rm_of_a_repository_with_an_index(reg: Registry) -> None:
+    """The children of an index are refused a delete while the index stands; removing the
+    repository takes the index first, whatever the digests' order."""
+    children = [simple_image(f"child-{n}") for n in range(4)]
+    push(reg, "team/multi", index(children), "v1")
+    reg.delete_repository("team/multi")
+    assert not reg.repository_exists("team/multi")
+    assert list(reg.backend.list("repositories/team/multi/")) == []

@@ -172,8 +172,17 @@ class Registry:
             self.delete_tag(name, tag)
         with self.index.transaction() as txn:
             manifests = [k.split(b"\0", 1)[1].decode() for k, _ in txn.scan("manifests", _k(name, ""))]
-        for digest in manifests:
-            self.delete_manifest(name, digest)
+        while manifests:  # an index's children only once the index has gone
+            refused = []
+            for digest in manifests:
+                try:
+                    self.delete_manifest(name, digest)
+                except InUse:
+                    refused.append(digest)
+            if len(refused) == len(manifests):
+                raise InUse(f"{name}: manifests keep being needed by others (a push is "
+                            "going on?); retry")
+            manifests = refused
         with self.index.transaction(write=True) as txn:
             for k, _ in list(txn.scan("links", _k(name, ""))):
                 txn.delete("links", k)
@@ -288,7 +297,9 @@ class Registry:
     # -- upload sessions bound to a repository ----------------------------------------------
 
     def start_upload(self, repo: str, owner: str | None = None) -> UploadStatus:
-        self._for_push(repo)
+        # the repository comes with the first blob committed, not with a session that may
+        # be cancelled (or a mount that fell back to one)
+        self._may_push(repo)
         return self.engine.uploads.start(repo, owner)
 
     def upload_status(self, repo: str, upload_id: str, owner: str | None = None) -> UploadStatus:
@@ -312,7 +323,11 @@ class Registry:
         return self.engine.uploads.commit(upload_id, digest, last=last,
                                           last_length=last_length, size=size,
                                           check=lambda d, n: self.quotas.check_blob(repo, n, d),
-                                          published=lambda d: self.link(repo, d))
+                                          published=lambda d: self._link_pushed(repo, d))
+
+    def _link_pushed(self, repo: str, digest: Digest) -> None:
+        self._for_push(repo)
+        self.link(repo, digest)
 
     def cancel_upload(self, repo: str, upload_id: str, owner: str | None = None) -> None:
         self.upload_status(repo, upload_id, owner)

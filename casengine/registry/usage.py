@@ -153,6 +153,8 @@ class Quotas:
                        for _, v in t.scan("repos", prefix.encode()))
 
     def _check(self, repo: str, delta: int, txn: Txn | None = None) -> None:
+        if delta <= 0:  # a retried push, a new tag: nothing more is used, so nothing crosses
+            return
         for prefix, limit in self._covering(repo, txn).items():
             used = self.used(prefix, txn)
             if used + delta > limit:

@@ -748,3 +748,22 @@ def test_a_204_has_no_content_length(server: Server, client: httpx.Client, repo:
     for method in ("GET", "DELETE"):
         r = raw_request(server, method, location)
         assert r.status_code == 204 and "content-length" not in r.headers, (method, r.headers)
+
+
+def test_a_cancelled_upload_leaves_no_repository(client: httpx.Client, server: Server,
+                                                repo: str) -> None:
+    """The repository comes with its first blob, not with a session that may be cancelled
+    (or a mount that fell back to one): the catalog does not list an empty one."""
+    location = start_upload(client, repo)
+    assert client.delete(location).status_code == 204
+    r = client.post(f"/v2/{repo}/blobs/uploads/", params={"mount": digest_of(b"nowhere"),
+                                                          "from": "some/where"})
+    assert r.status_code == 202
+    assert client.delete(r.headers["location"]).status_code == 204
+    assert repo not in client.get("/v2/_catalog").json()["repositories"]
+    assert_error(client.get(f"/v2/{repo}/tags/list"), 404, "NAME_UNKNOWN")
+    content = data("first blob", 100)
+    location = start_upload(client, repo)
+    r = client.put(location, params={"digest": digest_of(content)}, content=content)
+    assert r.status_code == 201
+    assert repo in client.get("/v2/_catalog").json()["repositories"]
