@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from casengine.errors import ConfigError, InvalidInput, NotFound
+from casengine.errors import ConfigError, Conflict, InvalidInput, NotFound
 
 ACTIONS = ("pull", "push", "delete")
 _SCRYPT = {"n": 1 << 14, "r": 8, "p": 1}
@@ -152,6 +152,10 @@ class Credentials:
         exception; edits by other processes wait for the lock."""
         if not missing_ok:
             cls.load(path)  # a missing file is refused before a lock file appears beside it
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise NotFound(f"no directory {folder} for the credentials file {path}: "
+                           "create it first")
         try:
             fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
@@ -188,7 +192,7 @@ class Credentials:
         if not _USER.fullmatch(name):
             raise InvalidInput(f"invalid user name {name!r}: letters, digits and ._@- only")
         if name in self.users:
-            raise InvalidInput(f"user {name!r} exists: use 'auth rotate' for a new secret")
+            raise Conflict(f"user {name!r} exists: use 'auth rotate' for a new secret")
         secret = secrets.token_urlsafe(32)
         self.users[name] = User(name, hash_secret(secret), grants, time.time())
         return secret

@@ -27,7 +27,7 @@ from casengine.credentials import (
     hash_secret,
     verify_secret,
 )
-from casengine.errors import ConfigError, InvalidInput, NotFound
+from casengine.errors import ConfigError, Conflict, InvalidInput, NotFound
 from tests.helpers import run_cli
 
 # -- grants ---------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_load_errors(tmp_path: Path) -> None:
 def test_add_rotate_remove(tmp_path: Path) -> None:
     creds = Credentials.load(str(tmp_path / "c.json"), missing_ok=True)
     secret = creds.add("alice", [Grant.parse("team/*:pull,push")])
-    with pytest.raises(InvalidInput, match="exists"):
+    with pytest.raises(Conflict, match="exists"):
         creds.add("alice", [Grant.parse("x/*:pull")])
     assert creds.users["alice"].grants == [Grant.parse("team/*:pull,push")]  # unchanged
     for bad in ("", "-alice", "al ice", "al/ice", "a" * 200, "al:ice"):
@@ -419,7 +419,7 @@ def test_cli_refusals_leave_the_file_as_it_was(tmp_path: Path) -> None:
     before = f.read_bytes()
 
     r = auth(tmp_path, "add", "--file", str(f), "alice", "--grant", "other/*:pull,push")
-    assert r.returncode == 4
+    assert r.returncode == 6  # a conflict, as the README's table says
     line = one_error_line(r)
     assert "alice" in line and "exists" in line and "rotate" in line
     assert r.stdout == b""
@@ -498,3 +498,11 @@ def test_a_malformed_user_entry_is_a_load_error(tmp_path: Path, entry: dict) -> 
     path.write_text(json.dumps({"version": 1, "users": {"ci": entry}}))
     with pytest.raises(ConfigError, match="malformed.*ci"):
         Credentials.load(str(path))
+
+
+def test_cli_add_into_a_missing_directory_says_which(tmp_path: Path) -> None:
+    f = tmp_path / "no" / "such" / "creds.json"
+    r = auth(tmp_path, "add", "--file", str(f), "alice", "--grant", "team/*:pull")
+    assert r.returncode == 3
+    line = one_error_line(r)
+    assert f"no directory {f.parent}" in line and ".credentials-" not in line
