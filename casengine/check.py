@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
@@ -51,7 +51,7 @@ from casengine.layout import (
 )
 from casengine.leases import is_live
 from casengine.repair import QUARANTINE, Left, Repairer
-from casengine.verify import Verdict, Verifier
+from casengine.verify import Stopped, Verdict, Verifier
 
 if TYPE_CHECKING:
     from casengine.registry import Registry
@@ -134,7 +134,8 @@ class Checker:
         self.resume = resume
         #: an unrecorded object younger than this is never quarantined (see repair)
         self.orphan_min_age = orphan_min_age
-        self.verifier = Verifier(self.backend, self.index, full=full, max_rate=max_rate)
+        self.verifier = Verifier(self.backend, self.index, full=full, max_rate=max_rate,
+                                 deadline=deadline)
         self.fixer = Repairer(self)
         self._refs: dict[str, list[str]] | None = None
         self._state_key = f"check:{'full' if full else 'fast'}:{repo or '*'}".encode()
@@ -253,22 +254,31 @@ class Checker:
 
     def _check_blobs(self, report: CheckReport) -> None:
         with ThreadPoolExecutor(self.workers) as pool:
-            pending = []
+            pending: list[Future[Verdict]] = []
             for record in self._blob_records():
                 if self.deadline is not None and time.monotonic() > self.deadline:
                     report.complete = False
                     break
                 pending.append(pool.submit(self.verifier.verify, record))
                 if len(pending) >= 4 * self.workers:
-                    self._collect(pending.pop(0).result(), report)
+                    self._take(pending.pop(0), report)
             for future in pending:
-                self._collect(future.result(), report)
+                self._take(future, report)
+
+    def _take(self, future: Future[Verdict], report: CheckReport) -> None:
+        try:
+            verdict = future.result()
+        except Stopped:  # the time ran out inside it: a resumed run starts from here
+            report.complete = False
+            return
+        self._collect(verdict, report)
 
     def _collect(self, verdict: Verdict, report: CheckReport) -> None:
         record = verdict.record
         report.blobs += 1
         report.bytes += verdict.read
-        self._after = max(self._after, record.digest)
+        if report.complete:  # in digest order: a resumed run must redo what was cut off
+            self._after = max(self._after, record.digest)
         self.progress("blobs", verdict.read)
         if verdict.kind is None:
             return

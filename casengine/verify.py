@@ -45,16 +45,24 @@ class Verdict:
     fixed: BlobRecord | None = None  #: stale-record: what the verified object says
 
 
-class Throttle:
-    """At most ``rate`` bytes per second across all reading threads."""
+class Stopped(Exception):
+    """The check's time ran out while this blob was read: no verdict on it."""
 
-    def __init__(self, rate: float | None) -> None:
+
+class Throttle:
+    """At most ``rate`` bytes per second across all reading threads; and no more reading
+    past ``deadline`` (a monotonic time), so a time limit holds within a chunk, not a blob."""
+
+    def __init__(self, rate: float | None, deadline: float | None = None) -> None:
         self.rate = rate
+        self.deadline = deadline
         self._start = time.monotonic()
         self._bytes = 0
         self._lock = threading.Lock()
 
     def __call__(self, n: int) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise Stopped
         if not self.rate:
             return
         with self._lock:
@@ -68,11 +76,11 @@ class Verifier:
     """Verifies blobs of one store; thread-safe (each thread reads into its own buffer)."""
 
     def __init__(self, backend: Backend, index: Index, *, full: bool = False,
-                 max_rate: float | None = None) -> None:
+                 max_rate: float | None = None, deadline: float | None = None) -> None:
         self.backend = backend
         self.index = index
         self.full = full
-        self.throttle = Throttle(max_rate)
+        self.throttle = Throttle(max_rate, deadline)
         self._local = threading.local()
 
     def verify(self, record: BlobRecord) -> Verdict:

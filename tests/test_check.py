@@ -1095,3 +1095,23 @@ def test_tag_only_in_the_index_is_reported(local_world: World) -> None:
     report = check(world.store)
     assert any("team/app:v1" in f.affected or "team/app:v1" in f.detail
                for f in report.findings), report.findings
+
+
+def test_a_time_limit_holds_inside_a_blob(tmp_path: Path) -> None:
+    """The limit used to be looked at only between blobs, with four per worker already
+    queued: a check of a few big blobs ran to the end, however short its limit."""
+    from casengine.registry import Registry
+
+    with Engine.open(str(tmp_path / "root"), compression="never") as engine:
+        digests = sorted(str(engine.ingest(os.urandom(16 << 20)).digest) for _ in range(3))
+        reg = Registry(engine)
+        start = time.monotonic()
+        report = Checker(reg, full=True, workers=1, max_rate=8 << 20,
+                         deadline=start + 0.5).run()
+        took = time.monotonic() - start
+        assert not report.complete and not report.clean
+        assert took < 4, took  # the whole check would take 6 s at that rate
+        assert report.blobs < 3
+        resumed = Checker(reg, full=True, workers=1, resume=True).run()
+        assert resumed.complete and resumed.clean
+        assert report.blobs + resumed.blobs >= len(digests)
