@@ -442,9 +442,12 @@ class Engine:
             f = open(path, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
         except FileNotFoundError:
             return None  # read() tells the caller what is wrong
-        if os.fstat(f.fileno()).st_size != record.size:
+        size = os.fstat(f.fileno()).st_size
+        if size != record.size:
             f.close()
-            return None  # damaged: read() and check report it; never send a short body
+            # a reader would get a 200 with the full length and then a short body
+            raise CorruptObject(f"blob {record.digest} is damaged: its object has {size} "
+                                f"bytes, the record says {record.size}; run 'casengine check'")
         if hasattr(os, "posix_fadvise"):
             # a blob not in the page cache (written with O_DIRECT, or evicted) is read
             # ahead twice as far

@@ -286,3 +286,18 @@ def test_pipelined_patches_append_their_own_bodies_in_order(server: Server, clie
     r = client.put(location, params={"digest": digest_of(data)})
     assert r.status_code == 201, r.text
     assert client.get(f"/v2/{repo}/blobs/{digest_of(data)}").content == data
+
+
+def test_a_raw_blob_cut_short_is_a_500_not_a_short_200(client: httpx.Client, server: Server,
+                                                       repo: str) -> None:
+    """The file is shorter than the record says: sent zero-copy, the client got a 200 with
+    the full Content-Length and then a body that stopped short."""
+    data = os.urandom(BIG)
+    digest = push_blob(client, repo, data)
+    path = Path(server.root) / "blobs" / "sha256" / digest[7:9] / f"{digest[7:]}.raw"
+    os.truncate(path, BIG // 2)
+    try:
+        r = client.get(f"/v2/{repo}/blobs/{digest}")
+        assert r.status_code == 500 and b"damaged" in r.content
+    finally:
+        path.write_bytes(data)  # the server is shared with other tests
