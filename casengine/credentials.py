@@ -30,12 +30,13 @@ import os
 import re
 import secrets
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from casengine.errors import ConfigError, Conflict, InvalidInput, NotFound
+from casengine.errors import Busy, ConfigError, Conflict, InvalidInput, NotFound
 
 ACTIONS = ("pull", "push", "delete")
 _SCRYPT = {"n": 1 << 14, "r": 8, "p": 1}
@@ -101,12 +102,27 @@ def _parse_hash(stored: str) -> tuple[int, int, int, bytes, bytes]:
     return parsed
 
 
+#: scrypt checks at once, and checks running or waiting: each costs ~40 ms and 16 MiB,
+#: and a flood of wrong passwords must neither fill memory nor hold every server thread.
+SCRYPT_AT_ONCE = 2
+SCRYPT_QUEUE = 16
+_scrypt_running = threading.BoundedSemaphore(SCRYPT_AT_ONCE)
+_scrypt_queued = threading.BoundedSemaphore(SCRYPT_QUEUE)
+
+
 def verify_secret(secret: str, stored: str) -> bool:
+    """Whether ``secret`` is the one ``stored`` hashes; :class:`Busy` when too many checks
+    are under way already."""
+    if not _scrypt_queued.acquire(blocking=False):
+        raise Busy("too many logins at once: retry shortly")
     try:
         n, r, p, salt, expected = _parse_hash(stored)
-        got = hashlib.scrypt(secret.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
+        with _scrypt_running:
+            got = hashlib.scrypt(secret.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
     except (ValueError, TypeError, OverflowError):  # a malformed stored hash verifies nothing
         return False
+    finally:
+        _scrypt_queued.release()
     return hmac.compare_digest(got, expected)
 
 

@@ -152,6 +152,10 @@ class OffsetMismatch(CASError):
         self.offset = current
 
 
+class Busy(CASError):
+    """Too much of one kind of work at once (logins): nothing was done; retry shortly."""
+
+
 class BackendError(CASError, OSError):
     """The storage backend failed in a way the engine could not recover from."""
 

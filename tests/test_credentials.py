@@ -506,3 +506,49 @@ def test_cli_add_into_a_missing_directory_says_which(tmp_path: Path) -> None:
     assert r.returncode == 3
     line = one_error_line(r)
     assert f"no directory {f.parent}" in line and ".credentials-" not in line
+
+
+def test_a_flood_of_wrong_passwords_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each check costs ~40 ms and 16 MiB of scrypt: at most SCRYPT_AT_ONCE run at once,
+    and beyond SCRYPT_QUEUE running or waiting the answer is Busy (HTTP 429), so a flood
+    fills neither memory nor the server's threads."""
+    import hashlib
+    import threading
+
+    from casengine import credentials
+    from casengine.errors import Busy
+
+    stored = hash_secret("right")
+    running, peak, lock = [0], [0], threading.Lock()
+    real = hashlib.scrypt
+
+    def counted(*args: object, **kwargs: object) -> bytes:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(credentials.hashlib, "scrypt", counted)
+    outcomes: list[object] = []
+    start = threading.Barrier(40)
+
+    def login() -> None:
+        start.wait()
+        try:
+            outcomes.append(verify_secret("wrong", stored))
+        except Busy:
+            outcomes.append("busy")
+
+    threads = [threading.Thread(target=login) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert peak[0] <= credentials.SCRYPT_AT_ONCE
+    assert outcomes.count("busy") >= 40 - credentials.SCRYPT_QUEUE
+    assert set(outcomes) <= {False, "busy"}
+    assert verify_secret("right", stored)  # and the slots are all given back

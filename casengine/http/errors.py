@@ -31,6 +31,7 @@ _TABLE: list[tuple[type[BaseException], int, str]] = [
     # transient (throttled, 5xx, timeout) after the engine's retries: the client may retry;
     # any other storage failure (a full disk) is the server's: 500, with the reason
     (e.BackendUnavailable, 503, "UNAVAILABLE"),
+    (e.Busy, 429, "TOOMANYREQUESTS"),
     (e.BackendError, 500, "UNKNOWN"),
 ]
 
@@ -44,6 +45,6 @@ def to_http(exc: BaseException) -> HTTPError:
                          headers={"Range": f"0-{end}"})
     for cls, status, code in _TABLE:
         if isinstance(exc, cls):
-            headers = {"Retry-After": "1"} if status == 503 else None
+            headers = {"Retry-After": "1"} if status in (429, 503) else None
             return HTTPError(status, code, str(exc), headers=headers)
     return HTTPError(500, "UNKNOWN", "internal error")
