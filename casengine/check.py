@@ -253,6 +253,7 @@ class Checker:
                 yield record
 
     def _check_blobs(self, report: CheckReport) -> None:
+        cut: list[Stopped] = []  # blobs the time ran out in, unjudged
         with ThreadPoolExecutor(self.workers) as pool:
             pending: list[Future[Verdict]] = []
             for record in self._blob_records():
@@ -261,23 +262,24 @@ class Checker:
                     break
                 pending.append(pool.submit(self.verifier.verify, record))
                 if len(pending) >= 4 * self.workers:
-                    self._take(pending.pop(0), report)
+                    self._take(pending.pop(0), report, cut)
             for future in pending:
-                self._take(future, report)
+                self._take(future, report, cut)
 
-    def _take(self, future: Future[Verdict], report: CheckReport) -> None:
+    def _take(self, future: Future[Verdict], report: CheckReport, cut: list[Stopped]) -> None:
         try:
             verdict = future.result()
-        except Stopped:  # the time ran out inside it: a resumed run starts from here
+        except Stopped as stopped:  # the time ran out inside it: a resumed run starts here
             report.complete = False
+            cut.append(stopped)
             return
-        self._collect(verdict, report)
+        self._collect(verdict, report, advance=not cut)
 
-    def _collect(self, verdict: Verdict, report: CheckReport) -> None:
+    def _collect(self, verdict: Verdict, report: CheckReport, *, advance: bool = True) -> None:
         record = verdict.record
         report.blobs += 1
         report.bytes += verdict.read
-        if report.complete:  # in digest order: a resumed run must redo what was cut off
+        if advance:  # in digest order: past a blob cut off, a resumed run must redo it
             self._after = max(self._after, record.digest)
         self.progress("blobs", verdict.read)
         if verdict.kind is None:
