@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -22,7 +21,6 @@ from backends.local_files import FileSink, fsync_dir, read_file, translated
 from backends.local_staging import LocalUploadStaging
 from casengine.backend import (
     READ_CHUNK,
-    WRITER_MIN_IDLE,
     Backend,
     Buffer,
     ObjectInfo,
@@ -31,6 +29,7 @@ from casengine.backend import (
     check_prefix,
     os_error,
     split_scheme,
+    writers_cutoff,
 )
 from casengine.errors import BackendError, ConfigError
 
@@ -165,9 +164,10 @@ class LocalBackend(LocalUploadStaging, Backend):
                 yield key
 
     def purge_staging(self, older_than: float,
-                      in_use: Callable[[str], bool] = lambda key: False) -> int:
+                      in_use: Callable[[str], bool] = lambda key: False, *,
+                      writers_before: float | None = None) -> int:
         """Temp files of writers that died (``kill -9``) before commit or abort."""
-        cutoff = min(older_than, time.time() - WRITER_MIN_IDLE)
+        cutoff = writers_cutoff(older_than, writers_before)
         purged = 0
         for entry in os.scandir(self.tmp_dir):
             with contextlib.suppress(FileNotFoundError):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,10 +35,10 @@ from typing import TYPE_CHECKING, Any
 from fsspec.asyn import sync
 
 from casengine.backend import (
-    WRITER_MIN_IDLE,
     Appender,
     Buffer,
     check_key,
+    writers_cutoff,
 )
 from casengine.errors import (
     BackendError,
@@ -370,7 +369,8 @@ class S3UploadStaging:
             self.call(f"deleting {rel}", "delete_object", Key=self.absolute(rel))
 
     def purge_staging(self, older_than: float,
-                      in_use: Callable[[str], bool] = lambda key: False) -> int:
+                      in_use: Callable[[str], bool] = lambda key: False, *,
+                      writers_before: float | None = None) -> int:
         """Drop what dead writers left, idle since before the unix time ``older_than``;
         return how many: the multipart uploads of upload sessions (``uploads/*/data``) no
         live session holds and on which nothing happened, neither their start, nor a part,
@@ -381,7 +381,7 @@ class S3UploadStaging:
         Activity counts, not the start alone, because a live session's upload may be old
         (and moto reports one fixed start time for every upload).
         """
-        writers = min(older_than, time.time() - WRITER_MIN_IDLE)
+        writers = writers_cutoff(older_than, writers_before)
         purged = 0
         for upload in self.multipart_uploads():
             session, _, name = upload.key.rpartition("/")

@@ -31,6 +31,7 @@ import errno
 import functools
 import inspect
 import re
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,6 +58,13 @@ READ_CHUNK = 1 << 20
 #: before a purge drops them: nothing says whether their writer lives, and a client may
 #: pause mid-body. Upload sessions have leases and their own cutoff.
 WRITER_MIN_IDLE = 3600.0
+
+
+def writers_cutoff(older_than: float, writers_before: float | None) -> float:
+    """Before when a writer's leftovers must have last changed to be purged."""
+    if writers_before is not None:
+        return writers_before
+    return min(older_than, time.time() - WRITER_MIN_IDLE)
 
 _KEY_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
@@ -318,13 +326,14 @@ class Backend(ABC):
         return total
 
     def purge_staging(self, older_than: float,
-                      in_use: Callable[[str], bool] = lambda key: False) -> int:
+                      in_use: Callable[[str], bool] = lambda key: False, *,
+                      writers_before: float | None = None) -> int:
         """Drop abandoned staging state only the backend can see (S3: multipart uploads
         idle since before the unix time ``older_than``); return how many. ``in_use(key)``
         says whether the upload prefix ``key`` still belongs to a live session, which is
         never touched. What other writers leave (temp files, the multipart upload of an
-        ingest) must also be idle for :data:`WRITER_MIN_IDLE`, whatever ``older_than``.
-        Default: nothing to drop."""
+        ingest) goes only if idle since before ``writers_before`` (default: also for
+        :data:`WRITER_MIN_IDLE`, see :func:`writers_cutoff`). Default: nothing to drop."""
         return 0
 
     def default_index_path(self) -> str | None:
@@ -467,8 +476,9 @@ class BackendWrapper(Backend):
         return self.inner.staged_bytes(key, state)
 
     def purge_staging(self, older_than: float,
-                      in_use: Callable[[str], bool] = lambda key: False) -> int:
-        return self.inner.purge_staging(older_than, in_use)
+                      in_use: Callable[[str], bool] = lambda key: False, *,
+                      writers_before: float | None = None) -> int:
+        return self.inner.purge_staging(older_than, in_use, writers_before=writers_before)
 
     def default_index_path(self) -> str | None:
         return self.inner.default_index_path()

@@ -241,8 +241,10 @@ class RetryingBackend(BackendWrapper):
         self.call(f"discarding {key}", lambda: self.inner.discard_upload(key, state))
 
     def purge_staging(self, older_than: float,
-                      in_use: Callable[[str], bool] = lambda key: False) -> int:
-        return self.call("purging staging", lambda: self.inner.purge_staging(older_than, in_use))
+                      in_use: Callable[[str], bool] = lambda key: False, *,
+                      writers_before: float | None = None) -> int:
+        return self.call("purging staging", lambda: self.inner.purge_staging(
+            older_than, in_use, writers_before=writers_before))
 
 
 def _skip(stream: Iterator[bytes], n: int) -> Iterator[bytes]:

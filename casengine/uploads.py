@@ -538,12 +538,14 @@ class Uploads:
         except BackendError as exc:
             log.warning("upload %s: staged data left for purge: %s", upload_id, exc)
 
-    def purge(self, older_than: float | None = None, *, dry_run: bool = False) -> PurgeReport:
+    def purge(self, older_than: float | None = None, *, dry_run: bool = False,
+              writers_idle: float | None = None) -> PurgeReport:
         """Sweep sessions idle longer than ``older_than`` (default: the TTL).
 
         Also removes staged bytes that no session record names (left by a crash), and lets
         the backend drop what dead writers left as long ago (temp files, S3 multipart
-        uploads), which a dry run does not count.
+        uploads; and idle for ``writers_idle``, by default an hour: a live writer's look
+        the same), which a dry run does not count.
         """
         cutoff = time.time() - (self.ttl if older_than is None else older_than)
         swept: list[UploadStatus] = []
@@ -567,7 +569,8 @@ class Uploads:
             self._purge_orphans(cutoff)
             index = self.engine.index
             leftovers = self.engine.backend.purge_staging(
-                cutoff, lambda key: index.get_upload(key.rpartition("/")[2]) is not None)
+                cutoff, lambda key: index.get_upload(key.rpartition("/")[2]) is not None,
+                writers_before=None if writers_idle is None else time.time() - writers_idle)
         return PurgeReport(swept, reclaimed, dry_run, leftovers)
 
     def _staged_bytes(self, rec: dict) -> int:

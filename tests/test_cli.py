@@ -288,10 +288,14 @@ def test_uploads_ls_and_purge(root: Path) -> None:
                             "--json")))
     assert (dry["ids"], dry["bytes"], dry["leftovers"]) == ([old.id], 1000, 0)
     assert dead_writer.exists()
+    young_writer = root / ".tmp" / "a-push-in-progress"  # for all a purge can tell
+    young_writer.write_bytes(b"partial")
     out = ok(cli(root, "uploads", "purge", "--older-than", "1h"))
     assert out.strip() == "purged 1 sessions, 1000 B; dropped 1 leftovers of dead writers"
-    assert not dead_writer.exists()
+    assert not dead_writer.exists() and young_writer.exists()
     assert [s["id"] for s in json.loads(ok(cli(root, "uploads", "ls", "--json")))] == [fresh]
+    ok(cli(root, "uploads", "purge", "--older-than", "0s", "--writers-idle", "0s"))
+    assert not young_writer.exists()  # the registry is stopped: nothing of it is live
 
 
 @pytest.mark.parametrize("url", ["local", "memory://"])

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from fsspec.asyn import sync
 
-from backends import s3_staging
 from backends.s3 import MIB, S3Backend
 from casengine import Engine
+from casengine import backend as backend_module
 from casengine.digest import parse_digest
 from casengine.errors import DigestMismatch
 from casengine.layout import blob_key
@@ -346,7 +346,7 @@ def test_purge_aborts_abandoned_uploads(engine: Engine,
     # the orphan session's goes; the ingest's may belong to a writer that is only slow
     assert engine.uploads.purge(0).leftovers == 1
     assert [u.key for u in b.multipart_uploads()] == ["blobs/sha256/ab/ab.raw"]
-    monkeypatch.setattr(s3_staging, "WRITER_MIN_IDLE", 0.0)  # an hour later
+    monkeypatch.setattr(backend_module, "WRITER_MIN_IDLE", 0.0)  # an hour later
     assert engine.uploads.purge(0).leftovers == 1
     nothing_left(engine)
 

@@ -47,7 +47,6 @@ from typing import Any
 
 import httpx
 
-from casengine.backend import WRITER_MIN_IDLE
 from casengine.gc import ORPHAN_MIN_AGE
 
 HOST = "127.0.0.1"
@@ -410,8 +409,7 @@ def resume(url: str, uploads: list[Interrupted]) -> list[str]:
 
 def age(root: str, seconds: float) -> None:
     """Move every object's mtime back: GC leaves orphans younger than ORPHAN_MIN_AGE alone
-    (a publish may be in progress), a purge writers' temp files younger than
-    WRITER_MIN_IDLE, and this stands for the wait an operator would have."""
+    (a publish may be in progress), and this stands for the wait an operator would have."""
     for path in Path(root).rglob("*"):
         if path.is_file() and ".index" not in path.parts:
             st = path.stat()
@@ -487,8 +485,9 @@ def _run(iterations: int, seed: int, store: Store, where: Path, *, clients: int,
         before = json.loads(store.run("check", "--full", "--json").stdout)
         unexpected = [f for f in before["findings"] if f["kind"] not in UNACKNOWLEDGED]
         if store.root is not None:
-            age(store.root, max(ORPHAN_MIN_AGE, WRITER_MIN_IDLE) + 60)
-        purge = store.run("uploads", "purge", "--older-than", "0s")
+            age(store.root, ORPHAN_MIN_AGE + 60)
+        # the server is stopped: no writer lives, whatever its leftovers' age
+        purge = store.run("uploads", "purge", "--older-than", "0s", "--writers-idle", "0s")
         gc_run = store.run("gc", "--grace", "0s", "--orphans")
         after = json.loads(store.run("check", "--full", "--json").stdout)
         # S3's objects cannot be aged: orphans younger than GC's minimum age stay, reported

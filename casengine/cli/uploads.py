@@ -36,16 +36,22 @@ def ls(ctx: click.Context, as_json: bool) -> None:
 @uploads.command()
 @click.option("--older-than", default=None, metavar="DURATION",
               help="Idle time after which a session is abandoned (default: the TTL, 24h).")
+@click.option("--writers-idle", default=None, metavar="DURATION",
+              help="How long other writers' leftovers (temp files, S3 multipart uploads of "
+                   "pushes) must be idle too, since a live push's look the same (default 1h; "
+                   "0s once the registry is stopped).")
 @click.option("--dry-run", is_flag=True, help="Report what would be purged; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @click.pass_context
-def purge(ctx: click.Context, older_than: str | None, dry_run: bool, as_json: bool) -> None:
+def purge(ctx: click.Context, older_than: str | None, writers_idle: str | None, dry_run: bool,
+          as_json: bool) -> None:
     """Remove upload sessions idle longer than DURATION, and their staged bytes."""
     from casengine.units import format_size, parse_duration
 
     age = parse_duration(older_than) if older_than is not None else None
+    writers = parse_duration(writers_idle) if writers_idle is not None else None
     with engine_from(ctx) as engine:
-        report = engine.uploads.purge(age, dry_run=dry_run)
+        report = engine.uploads.purge(age, dry_run=dry_run, writers_idle=writers)
     if as_json:
         emit_json({"dry_run": report.dry_run, "sessions": len(report.sessions),
                    "bytes": report.bytes, "ids": [s.id for s in report.sessions],

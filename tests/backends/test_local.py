@@ -47,7 +47,7 @@ def test_a_purge_leaves_a_live_writers_temp_file(tmp_path: Path,
     file is young, and its writer, for all the purge can tell, alive."""
     import time
 
-    from backends import local
+    from casengine import backend as backend_module
 
     backend = LocalBackend(str(tmp_path))
     writer = backend.writer()
@@ -58,5 +58,5 @@ def test_a_purge_leaves_a_live_writers_temp_file(tmp_path: Path,
     assert backend.get("blobs/x") == b"the first half, then the rest"
     left = backend.writer()  # a writer killed mid-body, an hour ago
     left.write(b"partial")
-    monkeypatch.setattr(local, "WRITER_MIN_IDLE", 0.0)
+    monkeypatch.setattr(backend_module, "WRITER_MIN_IDLE", 0.0)
     assert backend.purge_staging(time.time() + 1) == 1

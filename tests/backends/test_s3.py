@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from backends import s3_staging
 from backends.s3 import MIB, S3Backend
+from casengine import backend as backend_module
 from casengine.backend import Backend, Presigner, ServerCopy, open_backend
 from casengine.errors import BackendError, ConfigError, InvalidInput, NotFound
 from casengine.testing.backend_suite import BackendSuite
@@ -167,7 +167,7 @@ def test_a_dead_writers_upload_is_aborted_once_idle(small_parts: S3Backend,
     # however short the purge's cutoff, a writer's upload must be idle for the floor: its
     # writer may only be slow (a client pausing mid-body)
     assert small_parts.purge_staging(time.time() + 1) == 0
-    monkeypatch.setattr(s3_staging, "WRITER_MIN_IDLE", 0.0)  # an hour later
+    monkeypatch.setattr(backend_module, "WRITER_MIN_IDLE", 0.0)  # an hour later
     assert small_parts.purge_staging(time.time() + 1) == 1
     assert small_parts.multipart_uploads() == []
     w.abort()  # finds its upload gone, which is fine
@@ -180,7 +180,7 @@ def test_stale_staging_objects_are_deleted(s3: S3Backend,
     assert list(s3.list("")) == []
     assert s3.purge_staging(time.time() - 3600) == 0
     assert s3.purge_staging(time.time() + 1) == 0  # young: an ingest may be copying it
-    monkeypatch.setattr(s3_staging, "WRITER_MIN_IDLE", 0.0)
+    monkeypatch.setattr(backend_module, "WRITER_MIN_IDLE", 0.0)
     assert s3.purge_staging(time.time() + 1) == 1
     assert s3.staging_objects() == []
 
