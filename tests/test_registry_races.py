@@ -219,3 +219,51 @@ def test_a_push_held_at_its_backend_write_blocks_no_other_writer(
     assert finished == [True], "the other push waited for the held one"
     assert_records_agree(reg, "a")
     assert_records_agree(reg, "b")
+
+
+def assert_whole(reg: Registry, repo: str) -> None:
+    """Every tag names a recorded manifest, whose blobs are all linked; and the backend's
+    records say what the index says, the repository's own record included."""
+    rows = index_records(reg, repo)
+    for tag, digest in rows["tags"].items():
+        assert digest in rows["manifests"], (tag, digest)
+    with reg.index.transaction() as txn:
+        refs = {k.split(b"\0", 1)[1].decode() for k, _ in txn.scan("refs", f"{repo}\0".encode())}
+    assert refs <= rows["links"], refs - rows["links"]
+    assert_records_agree(reg, repo)
+    assert reg.repository_exists(repo) == reg.backend.exists(f"repositories/{repo}/_repo")
+
+
+@pytest.mark.parametrize("held", ["link", "tag"])
+def test_repo_rm_racing_a_push_leaves_it_gone_or_whole(pausing: tuple[Registry, Pausing],
+                                                       held: str) -> None:
+    """repo rm deleted manifests one by one and then the rest, and swept the backend
+    without the record locks: a push in between kept its tag and lost its links (GC took
+    its layers), or kept its rows and lost its records (reindex dropped it)."""
+    reg, backend = pausing
+    m, n = simple_image("m"), simple_image("n")
+    push(reg, "a", m, "v1")
+    key = (link_key("a", Digest.parse(m.blobs[0].digest)) if held == "link"
+           else tag_key("a", "v1"))
+
+    def again() -> None:
+        push(reg, "a", n, "v2")
+
+    errors = race(backend, "delete", key, lambda: reg.delete_repository("a"), again)
+    assert errors == []
+    assert reg.tag_map("a") == {"v2": n.digest}
+    assert_whole(reg, "a")
+
+
+def test_a_tag_pushed_while_its_manifest_is_deleted_is_not_left_dangling(
+        pausing: tuple[Registry, Pausing]) -> None:
+    reg, backend = pausing
+    m = simple_image("m")
+    push(reg, "a", m, "v1")
+    # held at the record of the tag it removes: before, that came before the manifest's
+    # transaction, and a tag pushed then was left naming the deleted manifest
+    errors = race(backend, "delete", tag_key("a", "v1"),
+                  lambda: reg.delete_manifest("a", m.digest),
+                  lambda: reg.put_manifest("a", "latest", m.content, m.media_type))
+    assert errors == []
+    assert_whole(reg, "a")

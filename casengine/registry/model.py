@@ -39,6 +39,7 @@ from casengine.errors import (
     ManifestBlobUnknown,
     ManifestInvalid,
     ManifestNotFound,
+    NotFound,
     RepositoryNotFound,
     UploadNotFound,
 )
@@ -122,12 +123,14 @@ class Registry:
         if self.repository_exists(name):
             return False
         record = {"created": time.time(), "logical": 0}
-        self.backend.put(repo_key(name, "_repo"), json.dumps({"created": record["created"]})
-                         .encode(), exclusive=True)
-        with self.index.transaction(write=True) as txn:
-            if txn.get("repos", name.encode()) is not None:
-                return False
-            txn.put("repos", name.encode(), json.dumps(record).encode())
+        key = repo_key(name, "_repo")
+        with records.locked(self.index, [key]):  # as a repo rm sweeping it holds it
+            self.backend.put(key, json.dumps({"created": record["created"]}).encode(),
+                             exclusive=True)
+            with self.index.transaction(write=True) as txn:
+                if txn.get("repos", name.encode()) is not None:
+                    return False
+                txn.put("repos", name.encode(), json.dumps(record).encode())
         return True
 
     def repository_exists(self, name: str) -> bool:
@@ -166,36 +169,37 @@ class Registry:
         return paginate(self.repositories(), n, last)
 
     def delete_repository(self, name: str) -> None:
-        """Remove the repository, its tags, manifests and links. Blobs stay for GC."""
+        """Remove the repository, its tags, manifests and links. Blobs stay for GC.
+
+        Every row goes in one transaction: a push racing it either lands before (and goes
+        with the rest) or after (and re-creates the repository, whole). The backend's
+        records then go one by one under their locks, each only if the index still lacks
+        it: a push after the transaction keeps its own.
+        """
         self._for_read(name)
-        for tag in list(self.tags(name).items):
-            self.delete_tag(name, tag)
-        with self.index.transaction() as txn:
-            manifests = [k.split(b"\0", 1)[1].decode() for k, _ in txn.scan("manifests", _k(name, ""))]
-        while manifests:  # an index's children only once the index has gone
-            refused = []
-            for digest in manifests:
-                try:
-                    self.delete_manifest(name, digest)
-                except InUse:
-                    refused.append(digest)
-            if len(refused) == len(manifests):
-                raise InUse(f"{name}: manifests keep being needed by others (a push is "
-                            "going on?); retry")
-            manifests = refused
+        prefix = _k(name, "")
         with self.index.transaction(write=True) as txn:
-            for k, _ in list(txn.scan("links", _k(name, ""))):
+            for table in ("tags", "manifests", "refs", "referrers"):
+                for k, _ in list(txn.scan(table, prefix)):
+                    txn.delete(table, k)
+            for k, _ in list(txn.scan("links", prefix)):
                 txn.delete("links", k)
                 txn.delete("linked", _k(k.split(b"\0", 1)[1].decode(), name))
-            for k, _ in list(txn.scan("refs", _k(name, ""))):
-                txn.delete("refs", k)
             txn.delete("repos", name.encode())
         # only this repository's records: a nested repository (team/app under team)
         # shares the prefix, and no name component can start with '_'
         for part in ("_links/", "_manifests/", "_tags/"):
             for key in list(self.backend.list(repo_key(name, part))):
-                self.backend.delete(key)
-        self.backend.delete(repo_key(name, "_repo"))
+                record = records.of_key(key)
+                if record is None:
+                    continue
+                with records.locked(self.index, [key]):
+                    records.agree(self.index, self.backend, [record])
+        key = repo_key(name, "_repo")
+        with records.locked(self.index, [key]):
+            if not self.repository_exists(name):  # else a push has made it again
+                with contextlib.suppress(NotFound):
+                    self.backend.delete(key)
 
     # -- blobs in repositories --------------------------------------------------------------
 
@@ -485,22 +489,22 @@ class Registry:
         """
         d = str(parse_digest(digest))
         record = self.resolve(repo, d)
-        if guard is None:
-            with self.index.transaction() as txn:
-                _refuse_if_needed(txn, repo, d)
-                tags = [k.split(b"\0", 1)[1].decode() for k, v in txn.scan("tags", _k(repo, ""))
-                        if v.decode() == d]
-            for tag in tags:
-                self.delete_tag(repo, tag)
         manifest_rec = manifest_record(repo, parse_digest(d))
+        tags: list[str] = []
         with records.locked(self.index, [manifest_rec.key]):
             with self.index.transaction(write=True) as txn:
                 if guard is None:
-                    _refuse_if_needed(txn, repo, d)  # again: an index may have come meanwhile
+                    _refuse_if_needed(txn, repo, d)
                 elif not guard(txn):
                     return False
                 if not txn.delete("manifests", _k(repo, d)):
                     return False
+                # in the same transaction: a tag pushed again meanwhile must not be left
+                # naming a manifest that is gone (a guarded delete has none: its guard says)
+                tags = [k.split(b"\0", 1)[1].decode()
+                        for k, v in txn.scan("tags", _k(repo, "")) if v.decode() == d]
+                for tag in tags:
+                    txn.delete("tags", _k(repo, tag))
                 removed = 0
                 for ref in (d, *record.refs):
                     old = txn.get("refs", _k(repo, ref))
@@ -516,6 +520,10 @@ class Registry:
                     txn.delete("referrers", _k(repo, record.subject, d))
                 self._add_logical(txn, repo, -removed)
             records.agree(self.index, self.backend, [manifest_rec])
+        for tag in tags:  # each under its own lock (never two sets held at once)
+            tag_rec = tag_record(repo, tag)
+            with records.locked(self.index, [tag_rec.key]):
+                records.agree(self.index, self.backend, [tag_rec])
         return True
 
     def delete_tag(self, repo: str, tag: str) -> None:

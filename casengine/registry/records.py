@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from casengine.digest import Digest
 from casengine.errors import NotFound
-from casengine.layout import link_key, manifest_key, tag_key
+from casengine.layout import REPOSITORIES, link_key, manifest_key, tag_key
 
 if TYPE_CHECKING:
     from casengine.backend import Backend
@@ -64,6 +64,24 @@ def manifest_record(repo: str, digest: Digest) -> Record:
 
 def tag_record(repo: str, tag: str) -> Record:
     return Record(tag_key(repo, tag), "tags", _row(repo, tag), carries_value=True)
+
+
+def of_key(key: str) -> Record | None:
+    """The record the backend object ``key`` is (None: not a link, manifest or tag)."""
+    rel = key.removeprefix(REPOSITORIES)
+    for part in ("/_links/", "/_manifests/", "/_tags/"):
+        repo, sep, rest = rel.partition(part)
+        if not sep or "/_" in repo or not rest:
+            continue
+        if part == "/_tags/":
+            return tag_record(repo, rest)
+        algorithm, _, hex_ = rest.partition("/")
+        try:
+            digest = Digest.parse(f"{algorithm}:{hex_}")
+        except ValueError:
+            return None
+        return (link_record if part == "/_links/" else manifest_record)(repo, digest)
+    return None
 
 
 @contextlib.contextmanager
