@@ -122,6 +122,9 @@ class Index(ABC):
         index that does not count)."""
         return 0
 
+    def sync(self) -> None:
+        """Make every committed transaction durable. The default keeps nothing to flush."""
+
     @contextlib.contextmanager
     def locks(self, names: Iterable[str]) -> Iterator[None]:
         """Hold the named locks, shared with every thread and process using this index
@@ -320,6 +323,10 @@ class LmdbIndex(Index):
 
     def generation(self) -> int:
         return int(self.env.info()["last_txnid"])
+
+    def sync(self) -> None:
+        if not self._temporary:
+            self.env.sync(True)
 
     @contextlib.contextmanager
     def locks(self, names: Iterable[str]) -> Iterator[None]:

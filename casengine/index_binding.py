@@ -22,13 +22,14 @@ mark's, or that is behind the mark, is refused like an unbound one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
 import time
 
 from casengine.backend import Backend
-from casengine.errors import BackendError, ConfigError
+from casengine.errors import BackendError, ConfigError, NotFound
 from casengine.index import Index
 from casengine.layout import BLOBS, INDEX_MARK, REPOSITORIES
 
@@ -54,13 +55,21 @@ def bind(index: Index) -> str:
 def mark(backend: Backend, index: Index) -> None:
     """Record in the store how far ``index`` has got. A mark that cannot be written (a
     read-only store) only weakens the check, so it is logged, not raised. A store with no
-    objects needs none: any index may take it up."""
+    objects needs none (any index may take it up), and loses one it had."""
     with index.transaction() as txn:
         value = txn.get("meta", _BOUND)
-    if value is None or not _holds_objects(backend):
+    if value is None:
+        return
+    if not _holds_objects(backend):
+        # emptied: a mark of the index it had would refuse whichever takes it up next
+        with contextlib.suppress(NotFound, BackendError):
+            backend.delete(INDEX_MARK)
         return
     ident = json.loads(value).get("id")
     generation = index.generation()
+    # what the mark says must survive a power cut: commits that need not (a lease, an
+    # upload's progress) are flushed first, else the index would come back behind it
+    index.sync()
     current = _read_mark(backend)
     if current is not None and current["index"] == ident and current["generation"] >= generation:
         return  # another process of this index got as far or further

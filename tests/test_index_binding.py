@@ -111,3 +111,51 @@ def test_each_close_brings_the_mark_up_to_date(tmp_path: Path) -> None:
         generation = engine.index.generation()
     mark = json.loads((Path(root) / INDEX_MARK).read_bytes())
     assert mark["generation"] >= generation > 0
+
+
+def test_the_mark_never_runs_ahead_of_what_a_power_cut_keeps(tmp_path: Path) -> None:
+    """Commits that need not survive a power cut (a lease, an upload's progress) are not
+    flushed; a mark naming them would, after the cut, refuse the very index it was made
+    from. So the index is flushed before the mark is written, up to what it names."""
+    from casengine.index import LmdbIndex
+    from casengine.index_binding import mark
+
+    root, _ = _store(tmp_path)
+    flushed: list[int] = []
+    real_sync = LmdbIndex.sync
+
+    def sync(self: LmdbIndex) -> None:
+        real_sync(self)
+        flushed.append(self.generation())
+
+    with Engine.open(root) as engine:
+        for n in range(3):  # as an upload's claim and release are
+            with engine.index.transaction(write=True, durable=False) as txn:
+                txn.put("meta", b"scratch", str(n).encode())
+        LmdbIndex.sync = sync  # type: ignore[method-assign]
+        try:
+            mark(engine.backend, engine.index)
+        finally:
+            LmdbIndex.sync = real_sync  # type: ignore[method-assign]
+        written = json.loads(engine.backend.get(INDEX_MARK))["generation"]
+        assert flushed and written <= flushed[-1]
+
+
+def test_an_emptied_store_forgets_the_mark_of_its_old_index(tmp_path: Path) -> None:
+    """Emptied and taken up by a new index (reindex), a store kept the old index's mark
+    until the new one's first close: killed before that, the new index was refused."""
+    import subprocess
+    import sys
+
+    root, digest = _store(tmp_path)
+    with Engine.open(root) as engine:
+        assert engine.delete(digest)
+    shutil.rmtree(Path(root) / ".index")
+    with Engine.open(root):
+        pass  # a new index on the empty store
+    assert not (Path(root) / INDEX_MARK).exists()
+    code = ("import os, sys; from casengine.engine import Engine\n"
+            "e = Engine.open(sys.argv[1]); e.ingest(b'pushed, then killed'); os._exit(0)")
+    subprocess.run([sys.executable, "-c", code, root], check=True)
+    with Engine.open(root) as engine:  # no stale mark to refuse it
+        assert engine.index.count_blobs() == 1
