@@ -65,6 +65,7 @@ DELETE_WAIT = 30.0
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True, slots=True)
 class IngestResult:
     digest: Digest

@@ -467,17 +467,13 @@ class Collector:
                 backend.put(key, entry)
         return True
 
-    def _index_entry(self, rel: str, txn: Txn | None = None) -> Any:
+    def _index_entry(self, rel: str) -> Any:
         """The index's value for the record ``repositories/<rel>`` (None: missing)."""
-        with contextlib.nullcontext(txn) if txn is not None else self.index.transaction() as t:
-            for part, table in (("/_links/", "links"), ("/_manifests/", "manifests"),
-                                ("/_tags/", "tags")):
-                repo, sep, rest = rel.partition(part)
-                if sep and "/_" not in repo:
-                    if table != "tags":
-                        rest = rest.replace("/", ":", 1)
-                    return t.get(table, _k(repo, rest))
-            repo, sep, rest = rel.rpartition("/")
+        record = records.of_key(REPOSITORIES + rel)
+        repo, sep, rest = rel.rpartition("/")
+        with self.index.transaction() as txn:
+            if record is not None:
+                return txn.get(record.table, record.row)
             if sep and rest == "_repo":
-                return t.get("repos", repo.encode())
-            return _NOT_A_RECORD
+                return txn.get("repos", repo.encode())
+        return _NOT_A_RECORD

@@ -43,6 +43,10 @@ MARK_INTERVAL = 60.0
 
 def bind(index: Index) -> str:
     """Record that ``index`` describes its store; its id."""
+    with index.transaction() as txn:  # every open asks: a write (and a flush) only once
+        value = txn.get("meta", _BOUND)
+    if value is not None and "id" in (facts := json.loads(value)):
+        return facts["id"]
     with index.transaction(write=True) as txn:
         value = txn.get("meta", _BOUND)
         facts = json.loads(value) if value is not None else {"since": time.time()}

@@ -7,9 +7,9 @@ in their repository and described by a record of what they refer to.
 
 Every link, manifest and tag is also a small object under ``repositories/`` (see
 :mod:`casengine.layout`), so the index can be rebuilt from the backend alone; the index is
-what was acknowledged. Those records change under the index's writer lock, so they end as
-the index does, and a crash leaves the backend ahead of the index, never behind it (see
-:mod:`casengine.registry.records`).
+what was acknowledged. A writer holds a record's own lock from its backend call to its
+index transaction, so records end as the index does, and a crash leaves the backend ahead
+of the index, never behind it (see :mod:`casengine.registry.records`).
 
 Usage is kept as it changes: per repository, a reference count per blob (from the
 repository's manifests and the manifests themselves) and the sum of the sizes of the blobs
@@ -31,7 +31,6 @@ from casengine.backend import READ_CHUNK
 from casengine.digest import Digest, parse_digest
 from casengine.errors import (
     BlobNotFound,
-    CASError,
     Conflict,
     CorruptObject,
     DigestMismatch,
@@ -205,16 +204,9 @@ class Registry:
 
     def link(self, repo: str, digest: str | Digest) -> None:
         d = parse_digest(digest)
-        record = link_record(repo, d)
-        with records.locked(self.index, [record.key]):
-            self.backend.put(record.key, b"")
-            try:
-                with self.index.transaction(write=True) as txn:
-                    add_link(txn, repo, str(d))
-            except BaseException:
-                with contextlib.suppress(CASError):  # refused: the record goes with it
-                    records.agree(self.index, self.backend, [record])
-                raise
+        with records.writing(self.index, self.backend, [link_record(repo, d)], b""), \
+                self.index.transaction(write=True) as txn:
+            add_link(txn, repo, str(d))
 
     def is_linked(self, repo: str, digest: str | Digest) -> bool:
         with self.index.transaction() as txn:
@@ -368,21 +360,15 @@ class Registry:
                            manifest_record(repo, manifest.digest)]
         if tag is not None:
             backend_records.append(tag_record(repo, tag))
-        with records.locked(self.index, (r.key for r in backend_records)):
-            try:
-                for r in backend_records:  # ahead of the index: a crash leaves them extra
-                    self.backend.put(r.key, r.body(str(manifest.digest).encode()))
-                with self.index.transaction(write=True) as txn:
-                    self.quotas.check_manifest(repo, charged, sizes, txn)
-                    self._record_manifest(txn, record, manifest, sizes)
-                    if tag is not None:
-                        txn.put("tags", _k(repo, tag), str(manifest.digest).encode())
-            except BaseException:
-                # refused (a blob swept since the check, a quota crossed meanwhile): the
-                # records would outlive the refusal, and reindex would bring it back
-                with contextlib.suppress(CASError):
-                    records.agree(self.index, self.backend, backend_records)
-                raise
+        # refused inside (a blob swept since the check, a quota crossed meanwhile), the
+        # records written ahead are taken back
+        with records.writing(self.index, self.backend, backend_records,
+                             str(manifest.digest).encode()), \
+                self.index.transaction(write=True) as txn:
+            self.quotas.check_manifest(repo, charged, sizes, txn)
+            self._record_manifest(txn, record, manifest, sizes)
+            if tag is not None:
+                txn.put("tags", _k(repo, tag), str(manifest.digest).encode())
         return manifest
 
     def _check_references(self, repo: str, manifest: Manifest) -> tuple[str, ...]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from casengine.digest import Digest
-from casengine.errors import NotFound
+from casengine.errors import CASError, NotFound
 from casengine.layout import REPOSITORIES, link_key, manifest_key, tag_key
 
 if TYPE_CHECKING:
@@ -75,12 +75,9 @@ def of_key(key: str) -> Record | None:
             continue
         if part == "/_tags/":
             return tag_record(repo, rest)
-        algorithm, _, hex_ = rest.partition("/")
-        try:
-            digest = Digest.parse(f"{algorithm}:{hex_}")
-        except ValueError:
-            return None
-        return (link_record if part == "/_links/" else manifest_record)(repo, digest)
+        # the row as the key spells it, unchecked: a malformed one names no row, and goes
+        table = "links" if part == "/_links/" else "manifests"
+        return Record(key, table, _row(repo, rest.replace("/", ":", 1)))
     return None
 
 
@@ -90,6 +87,25 @@ def locked(index: Index, keys: Iterable[str]) -> Iterator[None]:
     transaction: a holder may wait for the index's writer lock, never the other way."""
     with index.locks(f"record-{zlib.crc32(key.encode()) % BUCKETS:03x}" for key in keys):
         yield
+
+
+@contextlib.contextmanager
+def writing(index: Index, backend: Backend, records: Iterable[Record],
+            value: bytes) -> Iterator[None]:
+    """A push's records: locked, written ahead of the index (a tag's with ``value``), then
+    the block records them in the index. If the block fails (refused, or the index
+    unwritable), the records are taken back before the locks go."""
+    records = list(records)
+    with locked(index, (r.key for r in records)):
+        try:
+            for record in records:
+                backend.put(record.key, record.body(value))
+            yield
+        except BaseException:
+            # else they would outlive the refusal, and reindex would bring the push back
+            with contextlib.suppress(CASError):
+                agree(index, backend, records)
+            raise
 
 
 def agree(index: Index, backend: Backend, records: Iterable[Record]) -> None:
