@@ -7,6 +7,7 @@ belongs to the backend tests).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -19,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import IO, Any, ClassVar, Self
 
 import httpx
 import pytest
@@ -398,6 +399,18 @@ class ServeProcess:
                 pass
             time.sleep(0.05)
         return False
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Self]:
+        """Started for the block and stopped after it, which then fails if the server
+        logged a traceback (every 5xx the adapter answers is logged)."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+        log = self.log_text()
+        assert "Traceback" not in log, f"casengine serve logged an error:\n{log[-4000:]}"
 
     def stop(self) -> int | None:
         """Stop the server (SIGTERM, then SIGKILL after 15 s); its exit code."""

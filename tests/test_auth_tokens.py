@@ -42,34 +42,20 @@ def _server(base: Path, anonymous: list[str]) -> AuthServer:
     server = AuthServer(root=base / "root", auth_file=base / "credentials.json",
                         log=base / "serve.log")
     server.add_users(USERS, anonymous)
-    server.start()
     return server
-
-
-def _no_traceback(server: AuthServer) -> None:
-    log = server.log_text()
-    assert "Traceback" not in log, f"casengine serve logged an error:\n{log[-4000:]}"
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer]:
-    server = _server(tmp_path_factory.mktemp("auth-tokens"), [])
-    try:
+    with _server(tmp_path_factory.mktemp("auth-tokens"), []).running() as server:
         yield server
-    finally:
-        server.stop()
-    _no_traceback(server)
 
 
 @pytest.fixture
 def own_srv(tmp_path: Path) -> Iterator[AuthServer]:
     """A server of the test's own, for edits that would disturb the others."""
-    server = _server(tmp_path, [])
-    try:
+    with _server(tmp_path, []).running() as server:
         yield server
-    finally:
-        server.stop()
-    _no_traceback(server)
 
 
 def cli(srv: AuthServer, *args: str) -> str:
@@ -230,8 +216,7 @@ def test_catalog_through_the_token_flow(srv: AuthServer) -> None:
 
 
 def test_anonymous_catalog_is_kept_where_anonymous_may_pull(tmp_path: Path) -> None:
-    server = _server(tmp_path, ["public/*:pull"])
-    try:
+    with _server(tmp_path, ["public/*:pull"]).running() as server:
         with server.registry() as reg:
             for repo in ("public/a", "team/b"):
                 reg.create_repository(repo)
@@ -240,9 +225,6 @@ def test_anonymous_catalog_is_kept_where_anonymous_may_pull(tmp_path: Path) -> N
         token = server.token("alice", "registry:catalog:*")
         r = bearer(server, token).get("/v2/_catalog")
         assert r.json()["repositories"] == ["public/a", "team/b"]
-    finally:
-        server.stop()
-    _no_traceback(server)
 
 
 # -- a credentials file that goes bad at runtime -----------------------------------------------

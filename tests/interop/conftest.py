@@ -87,13 +87,8 @@ def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
     Parametrize it indirectly with a list of options to add to the command."""
     srv = Server(root=tmp_path / "root", log=tmp_path / "serve.log",
                  args=getattr(request, "param", []))
-    srv.start()
-    try:
+    with srv.running():
         yield srv
-    finally:
-        srv.stop()
-    log = srv.log_text()
-    assert "Traceback" not in log, f"casengine serve logged an error:\n{log[-4000:]}"
 
 
 # -- skopeo -----------------------------------------------------------------------------------
