@@ -249,18 +249,23 @@ class LocalUploadStaging:
                              lambda start, end: self.read(f"{key}/data", start, end - start))
 
     def staged_bytes(self, key: str, state: dict) -> int:
-        try:
-            fd = os.open(self._upload_file(key), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return 0
-        try:
-            if os.fstat(fd).st_nlink > 1:
-                return 0  # also linked as a published blob: discarding it frees nothing
-            # where the bytes written from the start end, to a block: past them lies a
-            # hole up to the journal
-            end = os.lseek(fd, 0, os.SEEK_HOLE)
-        finally:
-            os.close(fd)
+        with translated(f"sizing the staged data of {key}"):
+            try:
+                fd = os.open(self._upload_file(key), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return 0
+            try:
+                if os.fstat(fd).st_nlink > 1:
+                    return 0  # also linked as a published blob: discarding it frees nothing
+                # where the bytes written from the start end, to a block: past them lies a
+                # hole up to the journal
+                end = os.lseek(fd, 0, os.SEEK_HOLE)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                end = 0  # empty: its first append died between creating it and writing
+            finally:
+                os.close(fd)
         size = state.get("size", 0)
         # beyond the block the acknowledged bytes end in lie those of a cut-off append
         return end if end > -(-size // _BLOCK) * _BLOCK else size

@@ -409,6 +409,21 @@ def test_the_sweep_counts_what_a_cut_off_append_left(durable: Store) -> None:
         assert list(engine.backend.list(upload_key(s.id) + "/")) == []
 
 
+def test_purge_sweeps_a_session_whose_first_append_died_before_writing(
+        tmp_path: Path) -> None:
+    """The first append creates the staged file empty, then writes: a kill between the two
+    leaves an empty file, where the search for its end finds no hole (ENXIO)."""
+    with Store(str(tmp_path / "root")).open() as e:
+        s = e.uploads.start()
+        path = e.backend.local_path(upload_key(s.id) + "/data")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "wb").close()
+        e.index.update_upload(s.id, lambda r: {**r, "updated": time.time() - 7200})
+        report = e.uploads.purge(3600)
+        assert [st.id for st in report.sessions] == [s.id] and report.bytes == 0
+        assert list(e.backend.list("uploads/")) == []
+
+
 def test_purge_removes_staged_bytes_without_a_record(durable: Store) -> None:
     with durable.open() as e:
         s = e.uploads.start()
