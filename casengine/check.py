@@ -50,6 +50,7 @@ from casengine.layout import (
     repo_key,
 )
 from casengine.leases import is_live
+from casengine.registry import records
 from casengine.repair import QUARANTINE, Left, Repairer
 from casengine.verify import Stopped, Verdict, Verifier
 
@@ -57,6 +58,10 @@ if TYPE_CHECKING:
     from casengine.registry import Registry
 
 __all__ = ["QUARANTINE", "CheckReport", "Checker", "Finding", "Verdict"]
+
+#: Seconds an object found unrecorded is given to be recorded before it is judged an
+#: orphan: a publish's record follows its object by one index transaction.
+IN_FLIGHT_SETTLE = 1.0
 
 Progress = Callable[[str, int], None]
 
@@ -213,7 +218,8 @@ class Checker:
         if not report.complete:
             self._save_state(report)
         else:
-            self._check_orphans(report)
+            # orphans first: one that repair re-indexes is no missing blob to the references
+            self._check_orphans(report, self._unrecorded_objects())
             self._check_references(report)
             self._check_uploads(report)
             self._clear_state()
@@ -300,23 +306,38 @@ class Checker:
         # a dead lease is what a killed collector left: its object is an orphan
         return held is not None and is_live(json.loads(held))
 
-    def _check_orphans(self, report: CheckReport) -> None:
+    def _unrecorded_objects(self) -> list[str]:
+        """Objects under ``blobs/`` that no record names, to be judged later."""
         if self.repo is not None:
-            return  # orphans belong to no repository
+            return []  # orphans belong to no repository
+        found = []
         for key in list(self.backend.list(BLOBS)):
+            parsed = parse_blob_key(key)
+            if parsed is None or not self._recorded_as(*parsed):
+                found.append(key)
+        self._unrecorded_seen = time.monotonic()
+        return found
+
+    def _check_orphans(self, report: CheckReport, keys: list[str]) -> None:
+        """Judge the objects found unrecorded, :data:`IN_FLIGHT_SETTLE` after they were
+        seen: a publish puts its object before its record, so while the registry serves, one
+        in flight is seen unrecorded for a moment, and is no orphan."""
+        if any(parse_blob_key(key) is not None for key in keys):
+            time.sleep(max(0.0, self._unrecorded_seen + IN_FLIGHT_SETTLE - time.monotonic()))
+        for key in keys:
             parsed = parse_blob_key(key)
             if parsed is None:
                 self._find(report, "unknown-object", None, f"{key} is not a blob key")
                 continue
             digest, codec = parsed
             if self._recorded_as(digest, codec):
-                continue
+                continue  # its publish recorded it meanwhile
             try:
                 info = self.backend.stat(key)
             except NotFound:
                 continue  # deleted meanwhile
             if self._recorded_as(digest, codec):
-                continue  # its publish recorded it meanwhile
+                continue
             finding = self._find(report, "orphan-object", str(digest),
                                  f"object {key} has no index record")
             self._act(finding, self.fixer.orphan, key, digest, codec, info)
@@ -469,23 +490,37 @@ class Checker:
                 f = self._find(report, kind, digest,
                                f"{repo}: {digest} is in the index but has no backend record")
                 self._act(f, self.fixer.write_record, key, table, f"{repo}\0{digest}".encode())
+            table_prefix = repo_key(repo, "_links/" if table == "links" else "_manifests/")
             for digest in sorted(in_backend - in_index):
-                with self.index.transaction() as txn:
-                    if txn.get(table, f"{repo}\0{digest}".encode()) is not None:
-                        continue  # its push recorded it between our two reads
+                key = table_prefix + digest.replace(":", "/", 1)
+                if not self._unacknowledged(key, table, f"{repo}\0{digest}".encode()):
+                    continue  # its push recorded it, or took it back, while we looked
                 self._find(report, kind, digest, f"{repo}: the backend records {digest}, the "
                            "index does not: left by a push never acknowledged (gc --orphans "
                            "removes it once old), or lost by the index (casengine reindex "
                            "restores it)")
 
+    def _unacknowledged(self, key: str, table: str, row: bytes) -> bool:
+        """Whether the backend record ``key`` still lacks its index row once no writer
+        holds it: a push holds its records' locks from its backend write to its index
+        transaction, so one in flight finishes (or takes its records back) first."""
+        with records.locked(self.index, [key]):
+            with self.index.transaction() as txn:
+                if txn.get(table, row) is not None:
+                    return False
+            return self.backend.exists(key)
+
     def _still_differ(self, repo: str, tag: str) -> bool:
-        """Whether backend and index still disagree on ``repo:tag``, read again."""
-        try:
-            raw = self.backend.get(repo_key(repo, "_tags", tag))
-        except NotFound:
-            raw = None
-        with self.index.transaction() as txn:
-            value = txn.get("tags", f"{repo}\0{tag}".encode())
+        """Whether backend and index still disagree on ``repo:tag``, read again once no
+        push or delete of the tag is between its backend call and its index transaction."""
+        key = repo_key(repo, "_tags", tag)
+        with records.locked(self.index, [key]):
+            try:
+                raw = self.backend.get(key)
+            except NotFound:
+                raw = None
+            with self.index.transaction() as txn:
+                value = txn.get("tags", f"{repo}\0{tag}".encode())
         here = None if value is None else value.decode(errors="replace")
         return raw is None and here is not None or raw is not None and (
             parse_tag_record(raw) is None or parse_tag_record(raw) != here)

@@ -33,7 +33,7 @@ import termios
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +53,7 @@ from casengine.errors import CASError, ConfigError
 from casengine.gc import ORPHAN_MIN_AGE
 from casengine.index import pack_blob
 from casengine.layout import BLOBS, UPLOADS, blob_key
-from casengine.registry import Registry
+from casengine.registry import Registry, records
 from casengine.reindex import rebuild
 from casengine.testing.s3server import DUMMY_CREDENTIALS
 from tests.conftest import REGION
@@ -1095,6 +1095,55 @@ def test_tag_only_in_the_index_is_reported(local_world: World) -> None:
     report = check(world.store)
     assert any("team/app:v1" in f.affected or "team/app:v1" in f.detail
                for f in report.findings), report.findings
+
+
+# -- a check while the registry serves: writes in flight are not findings ----------------
+
+
+def test_a_push_between_its_records_and_its_index_transaction_is_no_finding(
+        local_world: World) -> None:
+    """A push writes its link and tag records, then records them in the index. A check
+    that lists the backend in between waits for the push (its records' locks) instead of
+    reporting an unacknowledged link and tag."""
+    world = local_world
+    digest = world.images["a1"].digest
+    blob = Digest.parse(world.images["s1"].blobs[1].digest)  # only in other/svc so far
+    with world.store.registry() as reg, ThreadPoolExecutor(1) as pool:
+        index = reg.index
+        pushed = [records.link_record("team/app", blob), records.tag_record("team/app", "v9")]
+        with records.writing(index, reg.backend, pushed, digest.encode()):
+            running = pool.submit(Checker(reg, workers=2).run)
+            with contextlib.suppress(TimeoutError):
+                running.result(timeout=1)  # without waiting, it would be done by now
+            with index.transaction(write=True) as txn:  # the push's acknowledgement
+                for record in pushed:
+                    txn.put(record.table, record.row, record.body(digest.encode()))
+        report = running.result(timeout=60)
+    assert report.clean, [f.to_json() for f in report.findings]
+
+
+def test_a_publish_between_its_object_and_its_record_is_no_orphan(
+        local_world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publish puts its object, then records it: one seen unrecorded is judged only once
+    it had a moment to be recorded."""
+    world = local_world
+    data = b"published while the check ran"
+    digest = digest_of(data)
+    world.store.put(world.key(digest), data)  # the object is out; its record is not yet
+    with world.store.registry() as reg, ThreadPoolExecutor(1) as pool:
+        listing = reg.backend.list
+        recorded: list[Future[Any]] = []
+
+        def list_then_record(prefix: str) -> Iterator[str]:
+            yield from listing(prefix)
+            if prefix == BLOBS and not recorded:  # its record lands a little later
+                recorded.append(pool.submit(
+                    lambda: time.sleep(0.3) or reg.engine.ingest(data, digest=digest)))
+
+        monkeypatch.setattr(reg.backend, "list", list_then_record)
+        report = Checker(reg, workers=2).run()
+        recorded[0].result()
+    assert report.clean, [f.to_json() for f in report.findings]
 
 
 def test_a_time_limit_holds_inside_a_blob(tmp_path: Path) -> None:
