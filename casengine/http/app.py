@@ -331,7 +331,9 @@ class RegistryApp:
         d = _digest(digest)
         record = await blocking(self.registry.stat_blob, name, d)
         head = request.method == "HEAD"
-        base = {"Docker-Content-Digest": str(d), "ETag": f'"{d}"', "Accept-Ranges": "bytes"}
+        # the bytes never change under their digest (a year, as the reference registry)
+        base = {"Docker-Content-Digest": str(d), "ETag": f'"{d}"', "Accept-Ranges": "bytes",
+                "Cache-Control": "max-age=31536000"}
         if _not_modified(request, base["ETag"]):
             await respond(send, 304, base)
             return
@@ -345,7 +347,8 @@ class RegistryApp:
             backend = self.registry.backend
             if isinstance(backend, Presigner) and record.codec == "raw":
                 url = await blocking(backend.presign, blob_key(d, record.codec), 300)
-                await respond(send, 307, {**base, "Location": url})
+                # the URL expires: a cache must not keep the redirect as it keeps the bytes
+                await respond(send, 307, {**base, "Location": url, "Cache-Control": "no-store"})
                 return
         if ranges is None:
             headers = {**base, "Content-Type": "application/octet-stream",

@@ -730,6 +730,20 @@ def test_if_none_match_answers_304_for_blobs_and_manifests(client: httpx.Client,
         assert r.status_code == 200 and r.headers["docker-content-digest"] == digest
 
 
+def test_blobs_may_be_cached_and_manifests_by_tag_may_not(client: httpx.Client,
+                                                          repo: str) -> None:
+    """A blob's bytes never change under its digest: caches may keep them (for a year, as
+    the reference registry says; a response to a request with credentials stays out of
+    shared caches all the same). A tag moves, so its manifest must be asked for again."""
+    image = simple_image("cacheable")
+    push_manifest(client, repo, image, "v1")
+    for method in ("GET", "HEAD"):
+        r = client.request(method, f"/v2/{repo}/blobs/{image.blobs[-1].digest}")
+        assert r.status_code == 200 and r.headers["cache-control"] == "max-age=31536000"
+        r = client.request(method, f"/v2/{repo}/manifests/v1", headers={"Accept": OCI_MANIFEST})
+        assert r.status_code == 200 and "cache-control" not in r.headers
+
+
 def test_if_range_with_another_validator_sends_the_whole_blob(client: httpx.Client,
                                                               repo: str) -> None:
     content = data("if-range", 4096)

@@ -84,6 +84,7 @@ def test_redirect_to_presigned_url(s3: httpx.Client, s3_endpoint: str, repo: str
     r = s3.get(f"/v2/{repo}/blobs/{digest}")
     assert r.status_code == 307
     assert r.headers["docker-content-digest"] == digest
+    assert r.headers["cache-control"] == "no-store"  # the URL expires; the bytes do not
     location = r.headers["location"]
     assert location.startswith(s3_endpoint + "/")
     assert "Signature" in location or "X-Amz-Signature" in location
