@@ -30,7 +30,7 @@ import time
 
 from casengine.backend import Backend
 from casengine.errors import BackendError, ConfigError, NotFound
-from casengine.index import Index
+from casengine.index import Index, Txn
 from casengine.layout import BLOBS, INDEX_MARK, REPOSITORIES
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,11 @@ _BOUND = b"bound"
 #: Seconds between marks while serving: an index restored from a backup older than this
 #: is found out.
 MARK_INTERVAL = 60.0
+
+
+def is_bound(txn: Txn) -> bool:
+    """Whether the index of ``txn`` was bound to a store (else it is new)."""
+    return txn.get("meta", _BOUND) is not None
 
 
 def bind(index: Index) -> str:

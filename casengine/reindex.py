@@ -13,7 +13,9 @@ names no digest is skipped and reported. Blob records come back without their xx
 next ``casengine check`` computes it); upload sessions do not come back (their staged bytes
 are purged as orphans).
 Quotas live only in the index: they are carried over from the old one where it can still be
-read, and must be set again where it is lost.
+read, and must be set again where it is lost. A reindex killed part way leaves its staging
+directory, and, killed between moving the old index aside and the new one in, no index: the
+next reindex takes the quotas from the one moved aside, and removes both.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,8 +33,9 @@ from casengine.backend import Backend
 from casengine.digest import Digest
 from casengine.errors import CASError, NotFound
 from casengine.index import BlobRecord, LmdbIndex, Txn
-from casengine.index_binding import bind, mark
+from casengine.index_binding import bind, is_bound, mark
 from casengine.layout import BLOBS, REPOSITORIES, ZST, parse_blob_key, parse_tag_record
+from casengine.leases import is_live
 from casengine.registry.manifests import parse_manifest
 from casengine.seekable import read_table
 
@@ -58,20 +62,71 @@ class ReindexReport:
 
 
 def _old_quotas(index_path: str) -> list[tuple[bytes, bytes]]:
-    """The quotas of the index being replaced, where it exists and can be read."""
-    if not os.path.exists(os.path.join(index_path, "data.mdb")):
-        return []
+    """The quotas of the index being replaced, where it exists and can be read.
+
+    A reindex killed between moving the old index aside and moving the new one in left
+    the old one aside (see :func:`_moved_aside`) and nothing at ``index_path``, or only
+    the new, unbound index a command made there meanwhile (and refused): then the
+    quotas are those of the index moved aside."""
+    aside = _moved_aside(index_path)
+    found = _quotas(index_path, bound_only=bool(aside))
+    for path in aside:
+        if found is not None:
+            break
+        found = _quotas(path, bound_only=False)
+    return found or []
+
+
+def _quotas(path: str, *, bound_only: bool) -> list[tuple[bytes, bytes]] | None:
+    """The quotas of the index at ``path``; None where there is none, or with
+    ``bound_only`` where it is new (unbound: it was never used with the store)."""
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        return None
     try:
-        old = LmdbIndex(index_path)
+        old = LmdbIndex(path)
     except CASError:
         return []
     try:
         with old.transaction() as txn:
+            if bound_only and not is_bound(txn):
+                return None
             return list(txn.scan("quotas"))
     except CASError:
         return []  # damaged: what it held is lost with it
     finally:
         old.close()
+
+
+def _siblings(index_path: str, kind: str) -> list[tuple[int, str]]:
+    """(number, path) of the directories ``<index_path>.<kind>-<number>`` beside it."""
+    base = index_path.rstrip("/")
+    parent, name = os.path.split(base)
+    try:
+        entries = os.listdir(parent or ".")
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        number = entry[len(name) + len(kind) + 2:]
+        if entry.startswith(f"{name}.{kind}-") and number.isdigit():
+            found.append((int(number), os.path.join(parent, entry)))
+    return found
+
+
+def _moved_aside(index_path: str) -> list[str]:
+    """Old indexes a reindex moved aside and was killed before removing, newest first."""
+    return [path for _, path in sorted(_siblings(index_path, "old"), reverse=True)]
+
+
+def _sweep_leftovers(index_path: str) -> None:
+    """Remove what killed reindexes left beside the index: the old indexes they moved
+    aside (the new one is in place now) and the staging of those no longer running."""
+    for path in _moved_aside(index_path):
+        shutil.rmtree(path, ignore_errors=True)
+    for pid, path in _siblings(index_path, "rebuild"):
+        # a staging directory names its process as a lease does (same host, as the index)
+        if not is_live({"pid": pid, "host": socket.gethostname(), "since": time.time()}):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _split_repo_key(key: str) -> tuple[str, str, list[str]] | None:
@@ -177,11 +232,12 @@ def _rebuild(backend: Backend, index_path: str, *, progress: Progress | None = N
         mark(backend, index)  # the store is used with this index from now on
     finally:
         index.close()
-    old = f"{index_path.rstrip('/')}.old-{int(time.time())}"
+    # in nanoseconds: one a killed run left may be of the same second
+    old = f"{index_path.rstrip('/')}.old-{time.time_ns()}"
     if os.path.exists(index_path):
         os.rename(index_path, old)
     os.rename(staging, index_path)
-    shutil.rmtree(old, ignore_errors=True)
+    _sweep_leftovers(index_path)  # ``old``, and any a killed run left
     return report
 
 

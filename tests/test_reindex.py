@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -228,6 +230,53 @@ def test_an_interrupted_reindex_leaves_no_staging_and_the_old_index(
     assert sorted(p.name for p in parent.iterdir() if p.name.startswith(Path(store.index).name)) \
         == [Path(store.index).name]
     assert snapshot(store) == before
+
+
+def _reindex_killed(store: Store, at: str) -> None:
+    """Run a reindex in a child killed (``kill -9`` alike) at ``at``: ``rename`` kills it
+    between moving the old index aside and moving the new one in, ``mark`` before either."""
+    code = textwrap.dedent(f"""
+        import os
+        import casengine.reindex as rx
+        from casengine.backend import open_backend
+        renamed = []
+        def rename(src, dst):
+            if renamed:
+                os._exit(9)
+            renamed.append(src)
+            os.rename(src, dst)
+        if {at!r} == "rename":
+            rx.os = type("os", (), {{**vars(os), "rename": staticmethod(rename)}})
+        else:
+            rx.mark = lambda *_: os._exit(9)
+        rx.rebuild(open_backend({store.url!r}), {store.index!r})
+    """)
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 9
+
+
+def test_a_reindex_killed_in_its_swap_loses_no_quota_and_leaves_nothing(
+        tmp_path: Path, request: pytest.FixtureRequest,
+        cli: Callable[..., tuple[int, str, str]]) -> None:
+    """Killed between moving the old index aside and the new one in, a reindex leaves no
+    index (a command then makes a new one, which it refuses) and the old one aside: the
+    next reindex keeps the quotas the old one holds, and removes what the dead ones left."""
+    world = world_for("local", tmp_path, request)
+    store = world.store
+    with store.registry() as reg:
+        reg.quotas.set("team/", 10 << 30)
+    before = snapshot(store)
+    _reindex_killed(store, "mark")
+    _reindex_killed(store, "rename")
+    assert not os.path.exists(store.index)
+    code, _, err = cli([*store.cli_args(), "quota", "ls"])
+    assert code == 8 and "reindex" in err
+    code, out, err = cli([*store.cli_args(), "reindex"])
+    assert (code, err) == (0, "") and out.splitlines()[0].endswith("; kept 1 quotas")
+    with store.registry() as reg:
+        assert reg.quotas.all() == {"team/": 10 << 30}
+    assert snapshot(store) == before
+    parent = Path(store.index).parent
+    assert [p.name for p in parent.iterdir() if p.name.startswith(".index")] == [".index"]
 
 
 # -- the command ------------------------------------------------------------------------------
