@@ -32,6 +32,7 @@ from casengine.backend import (
     writers_cutoff,
 )
 from casengine.errors import BackendError, ConfigError
+from casengine.layout import UPLOADS
 
 TMP_DIR = ".tmp"
 INDEX_DIR = ".index"
@@ -166,13 +167,32 @@ class LocalBackend(LocalUploadStaging, Backend):
     def purge_staging(self, older_than: float,
                       in_use: Callable[[str], bool] = lambda key: False, *,
                       writers_before: float | None = None) -> int:
-        """Temp files of writers that died (``kill -9``) before commit or abort."""
+        """Temp files of writers that died (``kill -9``) before commit or abort, and empty
+        directories of upload sessions a discard died in."""
         cutoff = writers_cutoff(older_than, writers_before)
         purged = 0
         for entry in os.scandir(self.tmp_dir):
             with contextlib.suppress(FileNotFoundError):
                 if entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
+                    purged += 1
+        return purged + self._purge_session_dirs(older_than, in_use)
+
+    def _purge_session_dirs(self, older_than: float, in_use: Callable[[str], bool]) -> int:
+        """Empty directories of sessions without a record: a discard killed between
+        removing the staged file and its directory leaves one, which no listing of keys
+        finds (it holds none). ``rmdir`` removes only empty ones."""
+        purged = 0
+        try:
+            entries = list(os.scandir(self.path(UPLOADS.rstrip("/"))))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            key = UPLOADS + entry.name
+            with contextlib.suppress(OSError):  # gone, or not empty: a session's bytes
+                if (entry.is_dir(follow_symlinks=False) and not in_use(key)
+                        and entry.stat().st_mtime < older_than):
+                    os.rmdir(entry.path)
                     purged += 1
         return purged
 

@@ -424,6 +424,26 @@ def test_purge_sweeps_a_session_whose_first_append_died_before_writing(
         assert list(e.backend.list("uploads/")) == []
 
 
+def test_purge_sweeps_the_directory_a_discard_died_in(tmp_path: Path) -> None:
+    """A discard removes the staged file, then its directory: a kill between the two leaves
+    an empty directory, which holds no key for the sweep of staged bytes to find."""
+    with Store(str(tmp_path / "root")).open() as e:
+        s = e.uploads.start()
+        e.uploads.append(s.id, b"bytes", 0)
+        live = e.uploads.start()
+        e.uploads.append(live.id, b"more", 0)
+        e.index.update_upload(s.id, lambda _: None)  # _forget: the record first
+        path = e.backend.local_path(upload_key(s.id) + "/data")
+        os.unlink(path)
+        for session in (s, live):
+            top = e.backend.local_path(upload_key(session.id))
+            os.utime(top, (time.time() - 7200,) * 2)
+        report = e.uploads.purge(3600)
+        assert report.leftovers == 1
+        assert not os.path.exists(os.path.dirname(path))
+        assert list(e.backend.list("uploads/")) == [upload_key(live.id) + "/data"]
+
+
 def test_purge_removes_staged_bytes_without_a_record(durable: Store) -> None:
     with durable.open() as e:
         s = e.uploads.start()
