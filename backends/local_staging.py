@@ -272,7 +272,7 @@ class LocalUploadStaging:
 
     def discard_upload(self, key: str, state: dict) -> None:
         top = self.path(key)
-        with contextlib.suppress(FileNotFoundError):
+        with translated(f"discarding {key}"), contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(top, "data"))
-        with contextlib.suppress(FileNotFoundError, OSError):
+        with contextlib.suppress(OSError):  # gone, or not empty: purge sweeps it once empty
             os.rmdir(top)

@@ -182,6 +182,8 @@ class PurgeReport:
     #: what dead writers left that the backend dropped: temp files; on S3 multipart
     #: uploads and staging objects
     leftovers: int = 0
+    #: sessions the backend failed on (logged): left as they were, the others swept
+    failed: tuple[str, ...] = ()
 
 
 class Uploads:
@@ -529,7 +531,8 @@ class Uploads:
         rec, _ = self._claim(upload_id, None)
         self._forget(upload_id, rec)
 
-    def _forget(self, upload_id: str, rec: dict) -> None:
+    def _forget(self, upload_id: str, rec: dict) -> bool:
+        """Drop the session; whether its staged bytes went too."""
         # record first: a crash after it leaves only staged bytes, which purge finds; so
         # does a failure to discard them, which must not fail a commit already published
         self.engine.index.update_upload(upload_id, lambda _: None)
@@ -537,6 +540,8 @@ class Uploads:
             self.engine.backend.discard_upload(upload_key(upload_id), rec["backend"])
         except BackendError as exc:
             log.warning("upload %s: staged data left for purge: %s", upload_id, exc)
+            return False
+        return True
 
     def purge(self, older_than: float | None = None, *, dry_run: bool = False,
               writers_idle: float | None = None) -> PurgeReport:
@@ -549,6 +554,7 @@ class Uploads:
         """
         cutoff = time.time() - (self.ttl if older_than is None else older_than)
         swept: list[UploadStatus] = []
+        failed: list[str] = []
         reclaimed = 0
         for rec in self.engine.index.iter_uploads():
             if rec["updated"] > cutoff or is_live(rec.get("lease"), time.time()):
@@ -558,20 +564,28 @@ class Uploads:
                     rec, _ = self._claim(rec["id"], None)
                 except (Conflict, UploadNotFound):
                     continue
+                except BackendError as exc:
+                    # one session's staging unreadable (recovering its journal) must not
+                    # keep the sweep from the others
+                    log.warning("upload %s: not purged: %s", rec["id"], exc)
+                    failed.append(rec["id"])
+                    continue
                 if rec["updated"] > cutoff:
                     continue  # touched meanwhile
-            reclaimed += self._staged_bytes(rec)
-            if not dry_run:
-                self._forget(rec["id"], rec)
+            staged = self._staged_bytes(rec)
+            if not dry_run and not self._forget(rec["id"], rec):
+                failed.append(rec["id"])  # its record went: the bytes are the next purge's
+                continue
+            reclaimed += staged
             swept.append(UploadStatus.of(rec))
         leftovers = 0
         if not dry_run:
-            self._purge_orphans(cutoff)
+            failed += self._purge_orphans(cutoff)
             index = self.engine.index
             leftovers = self.engine.backend.purge_staging(
                 cutoff, lambda key: index.get_upload(key.rpartition("/")[2]) is not None,
                 writers_before=None if writers_idle is None else time.time() - writers_idle)
-        return PurgeReport(swept, reclaimed, dry_run, leftovers)
+        return PurgeReport(swept, reclaimed, dry_run, leftovers, tuple(failed))
 
     def _staged_bytes(self, rec: dict) -> int:
         """What the session's staging takes: at least its acknowledged bytes, more where a
@@ -582,9 +596,12 @@ class Uploads:
             staged = 0
         return max(staged, rec["offset"])
 
-    def _purge_orphans(self, cutoff: float) -> None:
+    def _purge_orphans(self, cutoff: float) -> list[str]:
+        """Discard staged bytes no session names, idle since ``cutoff``; the ids of those
+        the backend failed to discard (logged, left for the next purge)."""
         backend = self.engine.backend
         seen: set[str] = set()
+        failed = []
         for key in backend.list(UPLOADS):
             upload_id = key[len(UPLOADS):].split("/", 1)[0]
             if upload_id in seen or self.engine.index.get_upload(upload_id) is not None:
@@ -595,4 +612,9 @@ class Uploads:
                 continue  # committed or cancelled while we looked
             if mtime <= cutoff:
                 seen.add(upload_id)
-                backend.discard_upload(upload_key(upload_id), {})
+                try:
+                    backend.discard_upload(upload_key(upload_id), {})
+                except BackendError as exc:
+                    log.warning("upload %s: staged data not discarded: %s", upload_id, exc)
+                    failed.append(upload_id)
+        return failed

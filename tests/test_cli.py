@@ -263,6 +263,35 @@ def test_reader_going_away_is_not_an_error(root: Path) -> None:
     proc.stderr.close()
 
 
+def test_purge_goes_on_past_staged_data_the_backend_fails_to_discard(root: Path) -> None:
+    """Staged bytes that will not go are named, with exit 7, after the rest of the sweep
+    (here the temp file of a dead writer), not instead of it; the next purge takes them."""
+    with Engine.open(str(root)) as engine:
+        ids = []
+        for _ in range(2):
+            s = engine.uploads.start("team/app")
+            engine.uploads.append(s.id, b"x" * 1000, 0)
+            engine.index.update_upload(s.id, lambda r: {**r, "updated": 1000.0})
+            ids.append(s.id)
+    dead_writer = root / ".tmp" / "left-by-a-kill"
+    dead_writer.write_bytes(b"partial")
+    os.utime(dead_writer, (1000.0, 1000.0))
+    failing = f"faulty+file://{root}?eio=1&lost_reply=0&calls=discard"
+    proc = subprocess.run(casengine_command() + ["--root", failing, "uploads", "purge",
+                                                 "--older-than", "1h", "--json"],
+                          capture_output=True, timeout=60, check=False)
+    assert proc.returncode == 7, proc.stderr
+    report = json.loads(proc.stdout)
+    assert sorted(report["failed"]) == sorted(ids) and report["leftovers"] == 1, report
+    assert not dead_writer.exists()
+    assert all(i.encode() in proc.stderr for i in ids) and b"Traceback" not in proc.stderr
+    with Engine.open(str(root)) as engine:
+        assert sorted(k.split("/")[1] for k in engine.backend.list("uploads/")) == sorted(ids)
+    ok(cli(root, "uploads", "purge", "--older-than", "0s"))  # now idle as long as asked
+    with Engine.open(str(root)) as engine:
+        assert list(engine.backend.list("uploads/")) == []
+
+
 def test_usage_errors_exit_2(root: Path) -> None:
     proc = cli(root, "blob", "put")
     assert proc.returncode == 2 and b"Traceback" not in proc.stderr

@@ -8,6 +8,7 @@ import time
 import click
 
 from casengine.cli.common import emit_json, engine_from
+from casengine.errors import BackendError
 
 
 @click.group()
@@ -55,8 +56,13 @@ def purge(ctx: click.Context, older_than: str | None, writers_idle: str | None, 
     if as_json:
         emit_json({"dry_run": report.dry_run, "sessions": len(report.sessions),
                    "bytes": report.bytes, "ids": [s.id for s in report.sessions],
-                   "leftovers": report.leftovers})
-        return
-    verb = "would purge" if dry_run else "purged"
-    left = f"; dropped {report.leftovers} leftovers of dead writers" if report.leftovers else ""
-    click.echo(f"{verb} {len(report.sessions)} sessions, {format_size(report.bytes)}{left}")
+                   "leftovers": report.leftovers, "failed": list(report.failed)})
+    else:
+        verb = "would purge" if dry_run else "purged"
+        left = (f"; dropped {report.leftovers} leftovers of dead writers"
+                if report.leftovers else "")
+        click.echo(f"{verb} {len(report.sessions)} sessions, {format_size(report.bytes)}{left}")
+    if report.failed:
+        click.echo(f"casengine: error: {len(report.failed)} sessions not purged (the backend "
+                   f"failed on them, see above): {' '.join(report.failed)}", err=True)
+        ctx.exit(BackendError.exit_code)
