@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -58,13 +59,16 @@ def _public_url(value: str | None) -> str | None:
                    "<tag>-zstd (the pushed tag stays as it is).")
 @click.option("--transcode-level", default=3, show_default=True, type=click.IntRange(1, 22),
               help="zstd level for --transcode-on-push.")
+@click.option("--max-header-size", default="1M", show_default=True, metavar="SIZE",
+              help="Refuse a request whose line and headers are larger (431).")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str | None,
           tls_key: str | None, redirect: bool, auth_file: str | None, insecure: bool,
           gc_interval: str | None, gc_grace: str, transcode_on_push: str | None,
-          transcode_level: int, log_level: str, public_url: str | None) -> None:
+          transcode_level: int, log_level: str, public_url: str | None,
+          max_header_size: str) -> None:
     """Serve the store as an OCI Distribution (Docker Registry v2) registry."""
     try:
         import uvicorn
@@ -96,8 +100,10 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
                              compression_level=s.compression_level,
                              transcode_on_push=transcode_on_push, transcode_level=transcode_level)
     tls = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key} if tls_cert else {}
+    # a partial, not a subclass: uvicorn pickles it to worker processes
+    protocol = functools.partial(ZeroCopyProtocol, max_head=_max_header_size(max_header_size))
     common = {"host": host, "port": port, "log_level": log_level, "access_log": False,
-              "http": ZeroCopyProtocol, "lifespan": "on", "timeout_keep_alive": 30, **tls}
+              "http": protocol, "lifespan": "on", "timeout_keep_alive": 30, **tls}
     app = build_app(settings)  # open the store now: a bad root fails before binding
     engine = app.registry.engine
     if workers > 1 and engine.backend.ephemeral:
@@ -119,6 +125,15 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
         uvicorn.run("casengine.http.server:app_from_env", factory=True, workers=workers,
                     **common)
     click.echo("casengine: stopped", err=True)
+
+
+def _max_header_size(value: str) -> int:
+    from casengine.units import parse_size
+
+    size = parse_size(value)
+    if size < 1024:  # no client's request line and headers fit in less
+        raise click.BadParameter(f"{value!r}: want at least 1k", param_hint="--max-header-size")
+    return size
 
 
 def _interval(value: str | None) -> float | None:

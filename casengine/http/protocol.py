@@ -35,6 +35,10 @@ from casengine.http.asgi import BODY_BATCH, BODY_PARTS, ZEROCOPY, ClientGone
 
 #: A client that takes no byte for this long is gone; its thread is needed elsewhere.
 STALL_TIMEOUT = 120.0
+#: The most bytes a request line and its headers may take (``serve --max-header-size``):
+#: Go's net/http default, which the reference registry keeps. httptools has no limit of
+#: its own, so a client streaming headers grew the server's memory without end.
+MAX_HEAD = 1 << 20
 #: Threads that may wait on slow sockets at once.
 SENDERS = 256
 
@@ -66,7 +70,46 @@ def sendfile_all(sock: int, fd: int, offset: int, count: int,
 
 
 class ZeroCopyProtocol(HttpToolsProtocol):
-    """``uvicorn.run(..., http=ZeroCopyProtocol)``; see the module docstring."""
+    """``uvicorn.run(..., http=ZeroCopyProtocol)``; see the module docstring.
+
+    It also bounds what a request's head may cost: a head over ``max_head`` bytes is
+    answered ``431`` and the connection closed, before more of it is buffered (``functools.
+    partial(ZeroCopyProtocol, max_head=...)`` sets the limit).
+    """
+
+    def __init__(self, *args: Any, max_head: int = MAX_HEAD, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_head = max_head
+        #: bytes received of the current request's head; None while its body comes
+        self._head_bytes: int | None = 0
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_bytes is not None:
+            # counted before httptools sees them: it joins a header's pieces itself, so a
+            # single endless header never reaches on_header
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head:
+                self._refuse_head()
+                return
+        super().data_received(data)
+
+    def _refuse_head(self) -> None:
+        self._head_bytes = None
+        self.logger.warning("Request head over %d bytes: refused.", self.max_head)
+        msg = f"request line and headers over {self.max_head} bytes"
+        self.transport.write(b"".join([
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(msg), msg.encode()]))
+        self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        self._head_bytes = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._head_bytes = 0  # what comes next is the next request's head
+        super().on_message_complete()
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle

@@ -1,0 +1,88 @@
+"""What a hostile or just heavy client can make a server hold: memory, descriptors, threads
+and time. Each test attacks a real ``casengine serve`` on loopback with raw sockets, reads
+what the attack cost from ``/proc``, and checks that other clients are still served."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.http.conftest import HOST, MIB, Server, push_blob, start_server
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+
+
+def _pids(server: Server) -> list[int]:
+    """The server and its worker processes."""
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+    return [server.pid, *map(int, children)]
+
+
+def _status(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def rss(server: Server) -> int:
+    """Resident bytes of the server and its workers together."""
+    return sum(_status(pid, "VmRSS") for pid in _pids(server)) * 1024
+
+
+@contextlib.contextmanager
+def serving(tmp_path: Path, log_dir: Path, *args: str) -> Iterator[Server]:
+    s = start_server(str(tmp_path / "root"), log_dir, args=args)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def still_served(server: Server, repo: str, digest: str, timeout: float = 10.0) -> None:
+    """Another client's small pull is answered, well within ``timeout``."""
+    r = httpx.get(f"{server.url}/v2/{repo}/blobs/{digest}", timeout=timeout)
+    assert r.status_code == 200, r.text
+
+
+# -- the request head ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("head", [
+    b"GET /v2/ HTTP/1.1\r\nHost: x\r\n",  # then endless headers
+    b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: ",  # then one endless header value
+    b"GET /v2/",  # then an endless URL
+], ids=["many-headers", "one-header", "url"])
+def test_an_endless_request_head_is_refused_early(tmp_path: Path, log_dir: Path, head: bytes,
+                                                  workers: str) -> None:
+    """httptools sets no limit: 200 MiB of headers took 260 MiB of the server's memory (and
+    the end of them never came, so it was never answered)."""
+    with serving(tmp_path, log_dir, "--max-header-size", "64k", "--workers", workers) as srv:
+        digest = push_blob(httpx.Client(base_url=srv.url), "limits/head", b"small")
+        before = rss(srv)
+        piece = (b"X-A: " + b"a" * 1000 + b"\r\n") if head.endswith(b"\r\n") else b"a" * 1000
+        sent = 0
+        answer = b""
+        with socket.create_connection((HOST, srv.port), timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+            s.sendall(head)
+            with contextlib.suppress(OSError):  # the server closes on us, as it should
+                while sent < 64 * MIB:
+                    s.sendall(piece * 64)
+                    sent += len(piece) * 64
+            with contextlib.suppress(OSError):
+                while chunk := s.recv(65536):
+                    answer += chunk
+        assert answer.startswith(b"HTTP/1.1 431 "), (sent, answer[:200])
+        assert sent < 16 * MIB, f"the server took {sent >> 20} MiB of head before refusing it"
+        assert rss(srv) - before < 32 * MIB
+        still_served(srv, "limits/head", digest)
+        # a head under the limit is served as ever
+        r = httpx.get(f"{srv.url}/v2/", headers={f"X-{i}": "a" * 500 for i in range(100)})
+        assert r.status_code == 200
