@@ -82,12 +82,14 @@ class Request:
         self._query = parse_qs(scope.get("query_string", b"").decode("latin-1"),
                                keep_blank_values=True)
         self.query = {k: v[-1] for k, v in self._query.items()}
-        self.headers: dict[str, str] = {}
+        # a header sent on several lines is one comma-separated list (RFC 9110 5.3); skopeo
+        # sends each Accept type on its own line. Joined once per name: joining line by line
+        # copied the list so far each time, and a head of many short lines of one name held
+        # the event loop (and every other client) for seconds
+        lines: dict[str, list[str]] = {}
         for k, v in scope.get("headers", []):
-            name, value = k.decode("latin-1").lower(), v.decode("latin-1")
-            # a header sent on several lines is one comma-separated list (RFC 9110 5.3);
-            # skopeo sends each Accept type on its own line
-            self.headers[name] = f"{self.headers[name]}, {value}" if name in self.headers else value
+            lines.setdefault(k.decode("latin-1").lower(), []).append(v.decode("latin-1"))
+        self.headers: dict[str, str] = {k: ", ".join(v) for k, v in lines.items()}
         self._more = True
         self._asked = False  #: the body was asked for (which sends a 100 Continue, if awaited)
         self.bytes_in = 0
