@@ -61,6 +61,8 @@ def _public_url(value: str | None) -> str | None:
               help="zstd level for --transcode-on-push.")
 @click.option("--max-header-size", default="1M", show_default=True, metavar="SIZE",
               help="Refuse a request whose line and headers are larger (431).")
+@click.option("--header-timeout", default="30s", show_default=True, metavar="DURATION",
+              help="Close a connection whose request line and headers take longer to arrive.")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.pass_context
@@ -68,7 +70,7 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
           tls_key: str | None, redirect: bool, auth_file: str | None, insecure: bool,
           gc_interval: str | None, gc_grace: str, transcode_on_push: str | None,
           transcode_level: int, log_level: str, public_url: str | None,
-          max_header_size: str) -> None:
+          max_header_size: str, header_timeout: str) -> None:
     """Serve the store as an OCI Distribution (Docker Registry v2) registry."""
     try:
         import uvicorn
@@ -101,7 +103,8 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
                              transcode_on_push=transcode_on_push, transcode_level=transcode_level)
     tls = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key} if tls_cert else {}
     # a partial, not a subclass: uvicorn pickles it to worker processes
-    protocol = functools.partial(ZeroCopyProtocol, max_head=_max_header_size(max_header_size))
+    protocol = functools.partial(ZeroCopyProtocol, max_head=_max_header_size(max_header_size),
+                                 head_timeout=_header_timeout(header_timeout))
     common = {"host": host, "port": port, "log_level": log_level, "access_log": False,
               "http": protocol, "lifespan": "on", "timeout_keep_alive": 30, **tls}
     app = build_app(settings)  # open the store now: a bad root fails before binding
@@ -134,6 +137,16 @@ def _max_header_size(value: str) -> int:
     if size < 1024:  # no client's request line and headers fit in less
         raise click.BadParameter(f"{value!r}: want at least 1k", param_hint="--max-header-size")
     return size
+
+
+def _header_timeout(value: str) -> float:
+    from casengine.units import parse_duration
+
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise click.BadParameter(f"{value!r}: want a duration above zero, e.g. 30s",
+                                 param_hint="--header-timeout")
+    return seconds
 
 
 def _interval(value: str | None) -> float | None:

@@ -39,6 +39,11 @@ STALL_TIMEOUT = 120.0
 #: Go's net/http default, which the reference registry keeps. httptools has no limit of
 #: its own, so a client streaming headers grew the server's memory without end.
 MAX_HEAD = 1 << 20
+#: How long a request's line and headers may take to arrive (``serve --header-timeout``).
+#: uvicorn times out only a connection idle between requests, so one that sent nothing, or
+#: a header a byte at a time, kept its descriptor for good: enough of them and the
+#: process could accept no one else.
+HEAD_TIMEOUT = 30.0
 #: Threads that may wait on slow sockets at once.
 SENDERS = 256
 
@@ -73,15 +78,52 @@ class ZeroCopyProtocol(HttpToolsProtocol):
     """``uvicorn.run(..., http=ZeroCopyProtocol)``; see the module docstring.
 
     It also bounds what a request's head may cost: a head over ``max_head`` bytes is
-    answered ``431`` and the connection closed, before more of it is buffered (``functools.
-    partial(ZeroCopyProtocol, max_head=...)`` sets the limit).
+    answered ``431`` and the connection closed, before more of it is buffered; one that has
+    not fully arrived ``head_timeout`` seconds after its first byte (or the connection's
+    start) has its connection closed. ``functools.partial(ZeroCopyProtocol, max_head=...,
+    head_timeout=...)`` sets them.
     """
 
-    def __init__(self, *args: Any, max_head: int = MAX_HEAD, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_head: int = MAX_HEAD, head_timeout: float = HEAD_TIMEOUT,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_head = max_head
+        self.head_timeout = head_timeout
         #: bytes received of the current request's head; None while its body comes
         self._head_bytes: int | None = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._head_timer is None:  # between requests the keep-alive timeout applies
+            self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._arm_head_timer()  # a pipelined head: the answer before it is still going
+            return
+        if not self.transport.is_closing():
+            self.logger.info("Request head not complete after %g s: connection closed.",
+                             self.head_timeout)
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self._head_bytes is not None:
@@ -105,6 +147,7 @@ class ZeroCopyProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_bytes = None
+        self._cancel_head_timer()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:

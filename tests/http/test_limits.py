@@ -101,3 +101,52 @@ def test_many_lines_of_one_header_do_not_hold_the_server(tmp_path: Path, log_dir
             answer = s.recv(100)
         assert answer.startswith(b"HTTP/1.1 200 "), answer
         assert time.monotonic() - started < 15
+
+
+def _fds(server: Server) -> int:
+    return sum(len(list(Path(f"/proc/{pid}/fd").iterdir())) for pid in _pids(server))
+
+
+def _closed_by_peer(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_connections_that_never_finish_their_head_are_closed(tmp_path: Path, log_dir: Path,
+                                                             workers: str) -> None:
+    """Connections that sent nothing, or a header a byte at a time, were kept for good: 1100
+    of them took every descriptor of a server limited to 1024, and others were refused."""
+    with serving(tmp_path, log_dir, "--header-timeout", "1s", "--workers", workers) as srv:
+        with httpx.Client(base_url=srv.url) as c:
+            digest = push_blob(c, "limits/idle", b"small")
+        before = _fds(srv)
+        idle = [socket.create_connection((HOST, srv.port)) for _ in range(100)]
+        trickling = [socket.create_connection((HOST, srv.port)) for _ in range(100)]
+        # after a complete request, the next head has its own deadline
+        kept_alive = [socket.create_connection((HOST, srv.port)) for _ in range(20)]
+        for s in kept_alive:
+            s.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+            s.sendall(b"GET /v2/ HTTP/1.1\r\n")
+        for s in trickling:
+            s.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for s in trickling:
+                with contextlib.suppress(OSError):
+                    s.send(b"a")
+            if all(_closed_by_peer(s) for s in idle + trickling + kept_alive):
+                break
+            time.sleep(0.2)
+        open_ = sum(not _closed_by_peer(s) for s in idle + trickling + kept_alive)
+        for s in idle + trickling + kept_alive:
+            s.close()
+        assert open_ == 0, f"{open_} connections without a complete head are still open"
+        assert _fds(srv) <= before + 4
+        still_served(srv, "limits/idle", digest)
