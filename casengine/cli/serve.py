@@ -63,6 +63,9 @@ def _public_url(value: str | None) -> str | None:
               help="Refuse a request whose line and headers are larger (431).")
 @click.option("--header-timeout", default="30s", show_default=True, metavar="DURATION",
               help="Close a connection whose request line and headers take longer to arrive.")
+@click.option("--stall-timeout", default="2m", show_default=True, metavar="DURATION",
+              help="Drop a client that sends no byte of its request body, or takes no byte "
+                   "of a response, for this long.")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.pass_context
@@ -70,7 +73,7 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
           tls_key: str | None, redirect: bool, auth_file: str | None, insecure: bool,
           gc_interval: str | None, gc_grace: str, transcode_on_push: str | None,
           transcode_level: int, log_level: str, public_url: str | None,
-          max_header_size: str, header_timeout: str) -> None:
+          max_header_size: str, header_timeout: str, stall_timeout: str) -> None:
     """Serve the store as an OCI Distribution (Docker Registry v2) registry."""
     try:
         import uvicorn
@@ -104,7 +107,8 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, tls_cert: str 
     tls = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key} if tls_cert else {}
     # a partial, not a subclass: uvicorn pickles it to worker processes
     protocol = functools.partial(ZeroCopyProtocol, max_head=_max_header_size(max_header_size),
-                                 head_timeout=_header_timeout(header_timeout))
+                                 head_timeout=_timeout(header_timeout, "--header-timeout"),
+                                 stall_timeout=_timeout(stall_timeout, "--stall-timeout"))
     common = {"host": host, "port": port, "log_level": log_level, "access_log": False,
               "http": protocol, "lifespan": "on", "timeout_keep_alive": 30, **tls}
     app = build_app(settings)  # open the store now: a bad root fails before binding
@@ -139,13 +143,13 @@ def _max_header_size(value: str) -> int:
     return size
 
 
-def _header_timeout(value: str) -> float:
+def _timeout(value: str, option: str) -> float:
     from casengine.units import parse_duration
 
     seconds = parse_duration(value)
     if seconds <= 0:
         raise click.BadParameter(f"{value!r}: want a duration above zero, e.g. 30s",
-                                 param_hint="--header-timeout")
+                                 param_hint=option)
     return seconds
 
 

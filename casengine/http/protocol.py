@@ -33,7 +33,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from casengine.http.asgi import BODY_BATCH, BODY_PARTS, ZEROCOPY, ClientGone
 
-#: A client that takes no byte for this long is gone; its thread is needed elsewhere.
+#: A client that takes no byte for this long, or sends no byte of its request body, is gone:
+#: its thread and buffers are needed elsewhere (``serve --stall-timeout``).
 STALL_TIMEOUT = 120.0
 #: The most bytes a request line and its headers may take (``serve --max-header-size``):
 #: Go's net/http default, which the reference registry keeps. httptools has no limit of
@@ -80,15 +81,17 @@ class ZeroCopyProtocol(HttpToolsProtocol):
     It also bounds what a request's head may cost: a head over ``max_head`` bytes is
     answered ``431`` and the connection closed, before more of it is buffered; one that has
     not fully arrived ``head_timeout`` seconds after its first byte (or the connection's
-    start) has its connection closed. ``functools.partial(ZeroCopyProtocol, max_head=...,
-    head_timeout=...)`` sets them.
+    start) has its connection closed, and so has a request whose body stalls for
+    ``stall_timeout`` (see :class:`_PartsReceive`). ``functools.partial(ZeroCopyProtocol,
+    max_head=..., head_timeout=..., stall_timeout=...)`` sets them.
     """
 
     def __init__(self, *args: Any, max_head: int = MAX_HEAD, head_timeout: float = HEAD_TIMEOUT,
-                 **kwargs: Any) -> None:
+                 stall_timeout: float = STALL_TIMEOUT, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_head = max_head
         self.head_timeout = head_timeout
+        self.stall_timeout = stall_timeout
         #: bytes received of the current request's head; None while its body comes
         self._head_bytes: int | None = 0
         self._head_timer: asyncio.TimerHandle | None = None
@@ -170,8 +173,9 @@ class ZeroCopyProtocol(HttpToolsProtocol):
         if (hasattr(os, "sendfile") and sock is not None
                 and self.transport.get_extra_info("sslcontext") is None):
             cycle.scope.setdefault("extensions", {})[ZEROCOPY] = {}  # type: ignore[typeddict-item]
-            cycle.send = _ZeroCopySend(cycle, sock.fileno())  # type: ignore[method-assign]
-        cycle.receive = _PartsReceive(cycle)  # type: ignore[method-assign]
+            cycle.send = _ZeroCopySend(  # type: ignore[method-assign]
+                cycle, sock.fileno(), self.stall_timeout)
+        cycle.receive = _PartsReceive(cycle, self.stall_timeout)  # type: ignore[method-assign]
         super()._start_asgi_task(cycle, app)
 
 
@@ -196,10 +200,15 @@ class _PartsReceive:
     """The cycle's ``receive`` (uvicorn 0.54's, step for step), except that the body goes
     out as the list of pieces the socket gave, under :data:`BODY_PARTS`: uvicorn copies
     each piece into a bytearray and the bytearray into bytes, two copies of every pushed
-    byte on the event loop's thread, which profiling showed to be the busiest of a push."""
+    byte on the event loop's thread, which profiling showed to be the busiest of a push.
 
-    def __init__(self, cycle: RequestResponseCycle) -> None:
+    A body of which no byte comes for ``stall_timeout`` seconds ends as if the client had
+    left (the connection is closed): a stalled upload held a worker thread for good, and
+    64 of them every thread the process had for engine calls."""
+
+    def __init__(self, cycle: RequestResponseCycle, stall_timeout: float) -> None:
         self._cycle = cycle
+        self._stall_timeout = stall_timeout
 
     async def __call__(self) -> Any:
         cycle = self._cycle
@@ -208,7 +217,14 @@ class _PartsReceive:
             cycle.waiting_for_100_continue = False
         if not cycle.disconnected and not cycle.response_complete:
             cycle.flow.resume_reading()
-            await cycle.message_event.wait()
+            if cycle.more_body:
+                try:
+                    await asyncio.wait_for(cycle.message_event.wait(), self._stall_timeout)
+                except TimeoutError:
+                    cycle.disconnected = True
+                    cycle.transport.close()
+            else:  # the body is in: what is left to wait for is the client leaving
+                await cycle.message_event.wait()
             cycle.message_event.clear()
         if cycle.disconnected or cycle.response_complete:
             return {"type": "http.disconnect"}
@@ -221,10 +237,11 @@ class _PartsReceive:
 class _ZeroCopySend:
     """The cycle's ``send``, plus ``http.response.zerocopy``."""
 
-    def __init__(self, cycle: RequestResponseCycle, sock: int) -> None:
+    def __init__(self, cycle: RequestResponseCycle, sock: int, stall_timeout: float) -> None:
         self._cycle = cycle
         self._send = RequestResponseCycle.send.__get__(cycle)
         self._sock = sock
+        self._stall_timeout = stall_timeout
 
     async def __call__(self, message: Any) -> None:
         if message["type"] != ZEROCOPY:
@@ -259,6 +276,7 @@ class _ZeroCopySend:
                 sock = os.dup(self._sock)
                 try:
                     await anyio.to_thread.run_sync(sendfile_all, sock, fd, offset, count,
+                                                   self._stall_timeout,
                                                    limiter=_senders())
                 finally:
                     os.close(sock)

@@ -150,3 +150,51 @@ def test_connections_that_never_finish_their_head_are_closed(tmp_path: Path, log
         assert open_ == 0, f"{open_} connections without a complete head are still open"
         assert _fds(srv) <= before + 4
         still_served(srv, "limits/idle", digest)
+
+
+# -- request bodies -----------------------------------------------------------------------
+
+
+def _stalled_bodies(srv: Server, patches: int) -> list[socket.socket]:
+    """Chunked-upload PATCHes, monolithic POSTs and manifest PUTs that send part of their
+    body and then nothing more."""
+    socks = []
+    with httpx.Client(base_url=srv.url) as c:
+        for i in range(patches):
+            location = c.post("/v2/limits/stall/blobs/uploads/").headers["location"]
+            s = socket.create_connection((HOST, srv.port))
+            s.sendall(f"PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: {MIB}\r\n"
+                      f"\r\n".encode() + b"a" * (i + 1))
+            socks.append(s)
+    for _ in range(10):
+        s = socket.create_connection((HOST, srv.port))
+        s.sendall(f"POST /v2/limits/stall/blobs/uploads/?digest=sha256:{'0' * 64} HTTP/1.1\r\n"
+                  f"Host: x\r\nContent-Length: {MIB}\r\n\r\n".encode() + b"a" * 1000)
+        socks.append(s)
+        s = socket.create_connection((HOST, srv.port))
+        s.sendall(b"PUT /v2/limits/stall/manifests/v1 HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: 100000\r\n\r\n{")
+        socks.append(s)
+    return socks
+
+
+def test_stalled_request_bodies_are_dropped(tmp_path: Path, log_dir: Path) -> None:
+    """A body of which nothing more came held its worker thread for good: 63 stalled PATCHes
+    took every thread for engine calls, and no other client was served (a pull timed out
+    after 10 s, and again after 40 s)."""
+    with serving(tmp_path, log_dir, "--stall-timeout", "1s") as srv:
+        with httpx.Client(base_url=srv.url) as c:
+            digest = push_blob(c, "limits/stall", b"small")
+        socks = _stalled_bodies(srv, 80)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(map(_closed_by_peer, socks)):
+            time.sleep(0.2)
+        open_ = sum(not _closed_by_peer(s) for s in socks)
+        for s in socks:
+            s.close()
+        assert open_ == 0, f"{open_} stalled requests are still open"
+        still_served(srv, "limits/stall", digest)
+        with srv.registry() as reg:
+            sessions = [u for u in reg.engine.uploads.list() if u.repository == "limits/stall"]
+        assert len(sessions) == 80 and {u.offset for u in sessions} == {0}
+        assert not list((Path(srv.root) / ".tmp").iterdir())
