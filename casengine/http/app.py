@@ -36,6 +36,7 @@ from casengine.http.asgi import (
     Scope,
     Send,
     blocking,
+    receiving,
     respond,
     respond_json,
     start_response,
@@ -437,7 +438,7 @@ class RegistryApp:
         if digest is not None:
             d = _digest(digest)
             async with request.body_stream() as body:
-                result = await blocking(self.registry.ingest_blob, name, body,
+                result = await receiving(self.registry.ingest_blob, name, body,
                                         digest=d, size=request.content_length)
             await self._created(send, name, result.digest)
             return
@@ -483,7 +484,7 @@ class RegistryApp:
         length = self._chunk_length(request, name, upload, offset)
         try:
             async with request.body_stream() as body:
-                status = await blocking(self.registry.append_upload, name, upload, body,
+                status = await receiving(self.registry.append_upload, name, upload, body,
                                         offset, length=length, owner=_owner(identity))
         except OffsetMismatch as exc:
             raise HTTPError(416, "BLOB_UPLOAD_INVALID", str(exc),
@@ -501,7 +502,7 @@ class RegistryApp:
             "chunked" in (request.header("transfer-encoding") or "")
         length = self._chunk_length(request, name, upload, status.offset) if has_body else None
         async with request.body_stream() as body:
-            result = await blocking(self.registry.commit_upload, name, upload, d,
+            result = await receiving(self.registry.commit_upload, name, upload, d,
                                     last=body if has_body else None,
                                     last_length=length, owner=_owner(identity))
         await self._created(send, name, result.digest)

@@ -38,6 +38,10 @@ ZEROCOPY = "http.response.zerocopy"
 BODY_PARTS = "casengine.body_parts"
 #: Worker threads for blocking engine calls, per process.
 _LIMITER: anyio.CapacityLimiter | None = None
+#: Worker threads for engine calls that read a request body, per process (see
+#: :func:`receiving`).
+RECEIVERS = 64
+_RECEIVERS: anyio.CapacityLimiter | None = None
 
 
 def _limiter() -> anyio.CapacityLimiter:
@@ -47,9 +51,29 @@ def _limiter() -> anyio.CapacityLimiter:
     return _LIMITER
 
 
+def _receivers() -> anyio.CapacityLimiter:
+    global _RECEIVERS
+    if _RECEIVERS is None:
+        _RECEIVERS = anyio.CapacityLimiter(RECEIVERS)
+    return _RECEIVERS
+
+
 async def blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run ``fn`` in a worker thread, off the event loop."""
     return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=_limiter())
+
+
+async def receiving(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn``, which reads a request body (:meth:`Request.body_stream`), in a worker
+    thread of its own kind.
+
+    Such a call holds its thread for as long as the client takes to send the body, which
+    a slow or hostile client makes as long as it likes (a byte a minute beats any stall
+    timeout). Sharing :func:`blocking`'s threads, 64 such uploads left no thread for
+    anything else, pulls included; on threads of their own they can only make other
+    uploads wait.
+    """
+    return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=_receivers())
 
 
 class HTTPError(Exception):

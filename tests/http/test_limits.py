@@ -198,3 +198,23 @@ def test_stalled_request_bodies_are_dropped(tmp_path: Path, log_dir: Path) -> No
             sessions = [u for u in reg.engine.uploads.list() if u.repository == "limits/stall"]
         assert len(sessions) == 80 and {u.offset for u in sessions} == {0}
         assert not list((Path(srv.root) / ".tmp").iterdir())
+
+
+def test_slow_uploads_do_not_starve_pulls(tmp_path: Path, log_dir: Path) -> None:
+    """Engine calls that read a body held the threads every request shares for as long as
+    their clients took: 64 uploads sending a byte now and then (too often for any stall
+    timeout) stopped every pull."""
+    with serving(tmp_path, log_dir) as srv:
+        with httpx.Client(base_url=srv.url) as c:
+            digest = push_blob(c, "limits/slow", b"small")
+        socks = _stalled_bodies(srv, 80)
+        try:
+            time.sleep(0.5)  # let them all reach the engine
+            for s in socks:
+                s.send(b"a")
+            still_served(srv, "limits/slow", digest)
+            with httpx.Client(base_url=srv.url, timeout=10) as c:
+                assert c.post("/v2/limits/slow/blobs/uploads/").status_code == 202
+        finally:
+            for s in socks:
+                s.close()
