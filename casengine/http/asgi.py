@@ -164,14 +164,18 @@ class Request:
 
         A task on the loop receives up to ``depth`` batches of about 1 MiB ahead of the
         worker, so receiving overlaps hashing and writing instead of taking turns with
-        them; memory stays bounded at ``depth`` batches. Leaving the block stops the task.
+        them; memory stays bounded at ``depth`` batches. It starts once the worker does:
+        a request still waiting for a thread read ahead all the same, and a few hundred
+        such uploads took gigabytes. Leaving the block stops the task.
         """
         loop = asyncio.get_running_loop()
         ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
         room = asyncio.Semaphore(depth)
+        reading = asyncio.Event()
 
         async def pump() -> None:
             try:
+                await reading.wait()
                 while True:
                     await room.acquire()
                     parts = await self._take(BODY_BATCH)
@@ -186,6 +190,7 @@ class Request:
                 ready.put(_Failed(exc))
 
         def chunks() -> Iterator[bytes]:
+            loop.call_soon_threadsafe(reading.set)
             while (item := ready.get()) is not _END:
                 if isinstance(item, _Failed):
                     raise item.exc

@@ -218,3 +218,40 @@ def test_slow_uploads_do_not_starve_pulls(tmp_path: Path, log_dir: Path) -> None
         finally:
             for s in socks:
                 s.close()
+
+
+def test_uploads_waiting_for_a_thread_do_not_read_ahead(tmp_path: Path, log_dir: Path) -> None:
+    """Each upload read 8 MiB of its body ahead of its worker thread even while it waited
+    for one: 300 PATCHes queued behind busy threads took 2 GiB."""
+    with serving(tmp_path, log_dir) as srv:
+        with httpx.Client(base_url=srv.url) as c:
+            digest = push_blob(c, "limits/queue", b"small")
+            waiting = [c.post("/v2/limits/queue/blobs/uploads/").headers["location"]
+                       for _ in range(100)]
+        holders = _stalled_bodies(srv, 64)  # every body thread, for now
+        time.sleep(0.5)
+        before = rss(srv)
+        size = 16 * MIB
+        block = b"b" * MIB
+        socks = []
+        for location in waiting:
+            s = socket.create_connection((HOST, srv.port))
+            s.sendall(f"PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n"
+                      f"\r\n".encode())
+            s.setblocking(False)
+            socks.append(s)
+        try:
+            sent = [0] * len(socks)
+            quiet_since = time.monotonic()
+            while time.monotonic() - quiet_since < 1.0:  # until the server takes no more
+                for i, s in enumerate(socks):
+                    with contextlib.suppress(BlockingIOError):
+                        if sent[i] < size:
+                            sent[i] += s.send(block[: size - sent[i]])
+                            quiet_since = time.monotonic()
+            growth = rss(srv) - before
+            assert growth < 300 * MIB, f"100 queued uploads took {growth >> 20} MiB"
+            still_served(srv, "limits/queue", digest)
+        finally:
+            for s in socks + holders:
+                s.close()
