@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.http.conftest import HOST, MIB, Server, push_blob, start_server
+from tests.http.conftest import HOST, MIB, Server, compressed, push_blob, start_server
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 
@@ -254,4 +254,37 @@ def test_uploads_waiting_for_a_thread_do_not_read_ahead(tmp_path: Path, log_dir:
             still_served(srv, "limits/queue", digest)
         finally:
             for s in socks + holders:
+                s.close()
+
+
+# -- responses ----------------------------------------------------------------------------
+
+
+def test_a_pull_that_stops_reading_is_dropped(tmp_path: Path, log_dir: Path) -> None:
+    """A blob stored compressed streams through Python; a client that stopped reading it
+    held the connection and about 17 MiB of buffers for good (100 such pulls: 1.7 GB)."""
+    with serving(tmp_path, log_dir, "--stall-timeout", "1s") as srv:
+        line = b"a line of text that compresses well, again and again\n"
+        data = line * (64 * MIB // len(line))
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            digest = push_blob(c, "limits/pull", data)
+            small = push_blob(c, "limits/pull", b"small")
+        compressed(srv.root, digest)
+        before = _fds(srv)
+        socks = []
+        for _ in range(20):
+            s = socket.create_connection((HOST, srv.port))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(f"GET /v2/limits/pull/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
+            socks.append(s)  # and read no more
+        try:
+            assert _fds(srv) >= before + 20
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and _fds(srv) > before + 2:
+                time.sleep(0.2)
+            assert _fds(srv) <= before + 2, "stalled pulls still hold their connections"
+            still_served(srv, "limits/pull", small)
+        finally:
+            for s in socks:
                 s.close()
