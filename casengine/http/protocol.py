@@ -29,6 +29,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from casengine.http.asgi import BODY_BATCH, BODY_PARTS, ZEROCOPY, ClientGone
@@ -164,7 +165,10 @@ class ZeroCopyProtocol(HttpToolsProtocol):
         pending = _pending(cycle)
         pending.parts.append(body)
         pending.size += len(body)
-        if pending.size > BODY_BATCH:
+        # a MiB batch only for a request whose app reads its body: until then (an upload
+        # waiting for a thread, a handler that never reads) uvicorn's own 64 KiB, or every
+        # connection could make the server hold a MiB it has no use for yet
+        if pending.size > (BODY_BATCH if pending.asked else HIGH_WATER_LIMIT):
             self.flow.pause_reading()
         cycle.message_event.set()
 
@@ -183,11 +187,12 @@ class ZeroCopyProtocol(HttpToolsProtocol):
 class _Pending:
     """Body pieces received and not yet handed to the app."""
 
-    __slots__ = ("parts", "size")
+    __slots__ = ("asked", "parts", "size")
 
     def __init__(self) -> None:
         self.parts: list[bytes] = []
         self.size = 0
+        self.asked = False  #: the app has asked for the body
 
 
 def _pending(cycle: RequestResponseCycle) -> _Pending:
@@ -213,6 +218,7 @@ class _PartsReceive:
 
     async def __call__(self) -> Any:
         cycle = self._cycle
+        _pending(cycle).asked = True
         if cycle.waiting_for_100_continue and not cycle.transport.is_closing():
             cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             cycle.waiting_for_100_continue = False

@@ -288,3 +288,35 @@ def test_a_pull_that_stops_reading_is_dropped(tmp_path: Path, log_dir: Path) -> 
         finally:
             for s in socks:
                 s.close()
+
+
+def test_bodies_nobody_reads_yet_are_not_buffered(tmp_path: Path, log_dir: Path) -> None:
+    """Before its request reached the app's first read, each connection buffered a MiB of
+    body: 500 uploads queued behind busy threads took 600 MiB, and the count of them is
+    bounded only by the descriptor limit."""
+    with serving(tmp_path, log_dir) as srv:
+        with httpx.Client(base_url=srv.url) as c:
+            digest = push_blob(c, "limits/unread", b"small")
+            waiting = [c.post("/v2/limits/unread/blobs/uploads/").headers["location"]
+                       for _ in range(500)]
+        holders = _stalled_bodies(srv, 64)  # every body thread, for now
+        time.sleep(0.5)
+        before = rss(srv)
+        block = b"b" * (2 * MIB)
+        socks = []
+        try:
+            for location in waiting:
+                s = socket.create_connection((HOST, srv.port))
+                s.setblocking(False)
+                socks.append(s)
+                with contextlib.suppress(BlockingIOError):
+                    s.send(f"PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                           f"{len(block)}\r\n\r\n".encode())
+                    s.send(block)
+            time.sleep(1)
+            growth = rss(srv) - before
+            assert growth < 200 * MIB, f"500 unread uploads took {growth >> 20} MiB"
+            still_served(srv, "limits/unread", digest)
+        finally:
+            for s in socks + holders:
+                s.close()
