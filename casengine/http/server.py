@@ -58,7 +58,7 @@ class ServeSettings:
 
 #: glibc's ``mallopt`` parameters.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-#: Freed memory a server process keeps for its next requests.
+#: Freed memory a server process keeps for its next requests, per glibc arena.
 KEEP_FREED = 64 << 20
 
 
