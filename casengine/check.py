@@ -219,7 +219,7 @@ class Checker:
             self._save_state(report)
         else:
             # orphans first: one that repair re-indexes is no missing blob to the references
-            self._check_orphans(report, self._unrecorded_objects())
+            self._check_orphans(report)
             self._check_references(report)
             self._check_uploads(report)
             self._clear_state()
@@ -306,24 +306,19 @@ class Checker:
         # a dead lease is what a killed collector left: its object is an orphan
         return held is not None and is_live(json.loads(held))
 
-    def _unrecorded_objects(self) -> list[str]:
-        """Objects under ``blobs/`` that no record names, to be judged later."""
+    def _check_orphans(self, report: CheckReport) -> None:
+        """Objects no record names, judged :data:`IN_FLIGHT_SETTLE` after they were seen:
+        a publish puts its object before its record, so while the registry serves, one in
+        flight is seen unrecorded for a moment, and is no orphan."""
         if self.repo is not None:
-            return []  # orphans belong to no repository
-        found = []
+            return  # orphans belong to no repository
+        keys = []
         for key in list(self.backend.list(BLOBS)):
             parsed = parse_blob_key(key)
             if parsed is None or not self._recorded_as(*parsed):
-                found.append(key)
-        self._unrecorded_seen = time.monotonic()
-        return found
-
-    def _check_orphans(self, report: CheckReport, keys: list[str]) -> None:
-        """Judge the objects found unrecorded, :data:`IN_FLIGHT_SETTLE` after they were
-        seen: a publish puts its object before its record, so while the registry serves, one
-        in flight is seen unrecorded for a moment, and is no orphan."""
+                keys.append(key)
         if any(parse_blob_key(key) is not None for key in keys):
-            time.sleep(max(0.0, self._unrecorded_seen + IN_FLIGHT_SETTLE - time.monotonic()))
+            time.sleep(IN_FLIGHT_SETTLE)
         for key in keys:
             parsed = parse_blob_key(key)
             if parsed is None:
