@@ -220,17 +220,24 @@ def test_slow_uploads_do_not_starve_pulls(tmp_path: Path, log_dir: Path) -> None
                 s.close()
 
 
+def _behind_busy_threads(srv: Server, repo: str, sessions: int
+                         ) -> tuple[str, list[str], list[socket.socket], int]:
+    """A small blob of ``repo`` to pull, ``sessions`` upload sessions' locations, the
+    stalled uploads that hold every body thread, and the server's RSS once they do."""
+    with httpx.Client(base_url=srv.url) as c:
+        digest = push_blob(c, repo, b"small")
+        waiting = [c.post(f"/v2/{repo}/blobs/uploads/").headers["location"]
+                   for _ in range(sessions)]
+    holders = _stalled_bodies(srv, 64)  # every body thread, for now
+    time.sleep(0.5)
+    return digest, waiting, holders, rss(srv)
+
+
 def test_uploads_waiting_for_a_thread_do_not_read_ahead(tmp_path: Path, log_dir: Path) -> None:
     """Each upload read 8 MiB of its body ahead of its worker thread even while it waited
     for one: 300 PATCHes queued behind busy threads took 2 GiB."""
     with serving(tmp_path, log_dir) as srv:
-        with httpx.Client(base_url=srv.url) as c:
-            digest = push_blob(c, "limits/queue", b"small")
-            waiting = [c.post("/v2/limits/queue/blobs/uploads/").headers["location"]
-                       for _ in range(100)]
-        holders = _stalled_bodies(srv, 64)  # every body thread, for now
-        time.sleep(0.5)
-        before = rss(srv)
+        digest, waiting, holders, before = _behind_busy_threads(srv, "limits/queue", 100)
         size = 16 * MIB
         block = b"b" * MIB
         socks = []
@@ -295,13 +302,7 @@ def test_bodies_nobody_reads_yet_are_not_buffered(tmp_path: Path, log_dir: Path)
     body: 500 uploads queued behind busy threads took 600 MiB, and the count of them is
     bounded only by the descriptor limit."""
     with serving(tmp_path, log_dir) as srv:
-        with httpx.Client(base_url=srv.url) as c:
-            digest = push_blob(c, "limits/unread", b"small")
-            waiting = [c.post("/v2/limits/unread/blobs/uploads/").headers["location"]
-                       for _ in range(500)]
-        holders = _stalled_bodies(srv, 64)  # every body thread, for now
-        time.sleep(0.5)
-        before = rss(srv)
+        digest, waiting, holders, before = _behind_busy_threads(srv, "limits/unread", 500)
         block = b"b" * (2 * MIB)
         socks = []
         try:
