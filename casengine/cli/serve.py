@@ -143,26 +143,19 @@ def _max_header_size(value: str) -> int:
     return size
 
 
-def _timeout(value: str, option: str) -> float:
+def _timeout(value: str, option: str, example: str = "30s") -> float:
     from casengine.units import parse_duration
 
     seconds = parse_duration(value)
     if seconds <= 0:
-        raise click.BadParameter(f"{value!r}: want a duration above zero, e.g. 30s",
+        raise click.BadParameter(f"{value!r}: want a duration above zero, e.g. {example}",
                                  param_hint=option)
     return seconds
 
 
 def _interval(value: str | None) -> float | None:
-    from casengine.units import parse_duration
-
-    if value is None:
-        return None
-    seconds = parse_duration(value)
-    if seconds <= 0:  # would mean "never", which leaving the option out already says
-        raise click.BadParameter(f"{value!r}: want a duration above zero, e.g. 6h",
-                                 param_hint="--gc-interval")
-    return seconds
+    # zero would mean "never", which leaving the option out already says
+    return None if value is None else _timeout(value, "--gc-interval", "6h")
 
 
 def _announce(host: str, port: int, tls: bool, root: str, index: object) -> None:
